@@ -1,0 +1,1 @@
+"""Fused Triton kernels for Forward-Forward layer steps (installed as ``ffkern.kernels``)."""
