@@ -1,0 +1,64 @@
+"""The ``reference`` backend: the closed-form maths of :mod:`ffkern.reference`, unfused."""
+
+from __future__ import annotations
+
+import torch
+
+from ffkern import optim, reference
+from ffkern.backends.base import Activations, Backend, FFLayer, StepOutput
+from ffkern.optim import OptimConfig
+from ffkern.reference import LayerObjective
+
+
+class ReferenceBackend(Backend):
+    """Plain torch ops on any device; float32 (or whatever dtype the layer holds)."""
+
+    name = "reference"
+
+    def forward(
+        self, layer: FFLayer, inp: Activations, obj: LayerObjective
+    ) -> tuple[torch.Tensor, Activations]:
+        _, h = reference.forward(layer.weight, layer.bias, inp.x, inp.scale)
+        g = reference.goodness_of(h, obj)
+        return g, Activations(h, reference.norm_scale(h, obj.norm, obj.norm_eps))
+
+    def step(
+        self,
+        layer: FFLayer,
+        inp: Activations,
+        n_pos: int,
+        obj: LayerObjective,
+        opt: OptimConfig,
+        lr: float,
+    ) -> StepOutput:
+        if layer.frozen:
+            g, out = self.forward(layer, inp, obj)
+            loss, _ = reference.logistic_loss_and_coef(g, n_pos, obj, layer.out_features)
+            return StepOutput(loss=loss, goodness=g, out=out)
+        res = reference.layer_step(
+            layer.weight, layer.bias, inp.x, inp.scale, n_pos, obj, layer.peer_mean
+        )
+        layer.peer_mean = res.peer_mean
+        apply_update(layer, res.dw, res.db, opt, lr)
+        return StepOutput(
+            loss=res.loss, goodness=res.goodness, out=Activations(res.h, res.out_scale)
+        )
+
+
+def ensure_opt_state(layer: FFLayer, opt: OptimConfig) -> None:
+    """Create zero optimizer state for ``layer`` if it has none for ``opt``."""
+    for pname in ("weight", "bias"):
+        param = getattr(layer, pname)
+        for sname, t in optim.init_state(opt, param).items():
+            layer.opt_state.setdefault(f"{pname}.{sname}", t)
+
+
+def apply_update(
+    layer: FFLayer, dw: torch.Tensor, db: torch.Tensor, opt: OptimConfig, lr: float
+) -> None:
+    """One optimizer step of the layer's weight and bias from their gradients."""
+    ensure_opt_state(layer, opt)
+    layer.step += 1
+    for pname, grad in (("weight", dw), ("bias", db)):
+        state = {s: layer.opt_state[f"{pname}.{s}"] for s in opt.state_names()}
+        optim.update_(opt, getattr(layer, pname), grad, state, lr, layer.step)
