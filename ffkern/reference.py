@@ -40,9 +40,12 @@ which is what lets the fused kernels avoid writing ``x̂`` or ``dz``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # averages a tensor over data-parallel ranks
 
 NORMS = ("rms", "l2")
 GOODNESS = ("sum", "mean")
@@ -143,12 +146,23 @@ def logistic_loss_and_coef(
 
 
 def peer_update(
-    h: torch.Tensor, n_pos: int, peer_mean: torch.Tensor, obj: LayerObjective
+    h: torch.Tensor,
+    n_pos: int,
+    peer_mean: torch.Tensor,
+    obj: LayerObjective,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Updated running means ``m`` and the per-unit peer coefficient ``(λ / n_pos)(m - m̄)``."""
+    """Updated running means ``m`` and the per-unit peer coefficient ``(λ / n_pos)(m - m̄)``.
+
+    ``reduce``, when given, averages the batch's mean positive activity over data-parallel
+    ranks, so every rank updates ``m`` with the statistics of the whole minibatch.
+    """
     if obj.peer_strength == 0 or n_pos == 0:
         return peer_mean, torch.zeros_like(peer_mean)
-    m = obj.peer_momentum * peer_mean + (1.0 - obj.peer_momentum) * h[:n_pos].mean(dim=0)
+    batch_mean = h[:n_pos].mean(dim=0)
+    if reduce is not None:
+        batch_mean = reduce(batch_mean)
+    m = obj.peer_momentum * peer_mean + (1.0 - obj.peer_momentum) * batch_mean
     return m, (obj.peer_strength / n_pos) * (m - m.mean())
 
 
@@ -160,15 +174,20 @@ def layer_step(
     n_pos: int,
     obj: LayerObjective,
     peer_mean: torch.Tensor,
+    reduce: Reduce | None = None,
 ) -> LayerResult:
-    """Forward, loss and closed-form gradients of one FF layer (see the module docstring)."""
+    """Forward, loss and closed-form gradients of one FF layer (see the module docstring).
+
+    ``reduce`` is the data-parallel hook of :func:`peer_update`; gradients are returned
+    unreduced (the caller all-reduces ``dw`` and ``db`` before its update).
+    """
     width = weight.shape[0]
     xn = x * scale[:, None]
     z = torch.addmm(bias, xn, weight.t())
     h = torch.relu(z)
     g = goodness_of(h, obj)
     loss, coef = logistic_loss_and_coef(g, n_pos, obj, width)
-    new_mean, peer = peer_update(h, n_pos, peer_mean, obj)
+    new_mean, peer = peer_update(h, n_pos, peer_mean, obj, reduce)
     dz = coef[:, None] * h
     if obj.peer_strength and n_pos:
         dz[:n_pos] += peer[None, :] * (z[:n_pos] > 0).to(h.dtype)

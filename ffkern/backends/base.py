@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ffkern.optim import OptimConfig
-from ffkern.reference import LayerObjective
+from ffkern.reference import LayerObjective, Reduce
 
 
 @dataclass
@@ -114,12 +114,18 @@ class Backend(abc.ABC):
         obj: LayerObjective,
         opt: OptimConfig,
         lr: float,
+        reduce: Reduce | None = None,
     ) -> StepOutput:
         """Forward, loss, gradient and one optimizer update of ``layer`` in place.
 
         The first ``n_pos`` rows of ``inp`` are positive, the rest negative. The update uses
         learning rate ``lr`` and increments ``layer.step``; the peer running mean is updated
         when ``obj.peer_strength > 0``. A frozen layer gets the forward only.
+
+        ``reduce`` (data parallelism) averages a tensor over ranks. When given, it is applied
+        to the batch's mean positive activity (before the peer running mean is updated) and to
+        ``dW`` and ``db`` (before the update), so every rank applies the same update as one
+        process would on the whole minibatch. A fused backend then has to materialize ``dW``.
         """
 
     def describe(self) -> str:

@@ -7,7 +7,7 @@ import torch
 from ffkern import optim, reference
 from ffkern.backends.base import Activations, Backend, FFLayer, StepOutput
 from ffkern.optim import OptimConfig
-from ffkern.reference import LayerObjective
+from ffkern.reference import LayerObjective, Reduce
 
 
 class ReferenceBackend(Backend):
@@ -30,16 +30,18 @@ class ReferenceBackend(Backend):
         obj: LayerObjective,
         opt: OptimConfig,
         lr: float,
+        reduce: Reduce | None = None,
     ) -> StepOutput:
         if layer.frozen:
             g, out = self.forward(layer, inp, obj)
             loss, _ = reference.logistic_loss_and_coef(g, n_pos, obj, layer.out_features)
             return StepOutput(loss=loss, goodness=g, out=out)
         res = reference.layer_step(
-            layer.weight, layer.bias, inp.x, inp.scale, n_pos, obj, layer.peer_mean
+            layer.weight, layer.bias, inp.x, inp.scale, n_pos, obj, layer.peer_mean, reduce
         )
         layer.peer_mean = res.peer_mean
-        apply_update(layer, res.dw, res.db, opt, lr)
+        dw, db = (res.dw, res.db) if reduce is None else (reduce(res.dw), reduce(res.db))
+        apply_update(layer, dw, db, opt, lr)
         return StepOutput(
             loss=res.loss, goodness=res.goodness, out=Activations(res.h, res.out_scale)
         )
