@@ -1,0 +1,210 @@
+"""The ``ffkern`` command line: ``ffkern train`` and ``ffkern eval CHECKPOINT``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ffkern.backends import BACKENDS, PRECISIONS
+from ffkern.config import NEGATIVES, TRAINING, FFConfig
+from ffkern.data import DATASETS
+
+log = logging.getLogger("ffkern")
+
+# Modules that add sub-commands: each has ``add_cli(subparsers)``, which adds its parser and
+# sets ``func`` (a callable taking the parsed arguments and returning an exit code).
+EXTRA_COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 1000,1000,1000, got {text!r}"
+        ) from None
+    return values
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """--dataset, --data, --download, --device, --backend, --precision."""
+    p.add_argument("--dataset", choices=DATASETS, default="digits", help="default: digits")
+    p.add_argument("--data", metavar="DIR", help="folder with the dataset's standard files")
+    p.add_argument("--download", action="store_true", help="download missing files (online)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="default: auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="triton only")
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """Every FFConfig knob as a flag; defaults are Hinton's recipe (see FFConfig)."""
+    d = FFConfig()
+    p.add_argument("--layers", type=_int_list, default=d.layers, help="e.g. 1000,1000,1000")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--schedule", choices=("hinton", "constant"), default=d.schedule)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--goodness", choices=("sum", "mean"), default=d.goodness)
+    p.add_argument("--threshold", type=float, default=None, help="default: units (sum) or 1")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--norm", choices=("rms", "l2"), default=d.norm)
+    p.add_argument("--peer-strength", type=float, default=d.peer_strength, help="0: off")
+    p.add_argument("--negatives", choices=NEGATIVES, default=d.negatives)
+    p.add_argument("--training", choices=TRAINING, default=d.training)
+    p.add_argument("--no-softmax-head", action="store_true", help="goodness predictor only")
+    p.add_argument("--label-scale", type=float, default=d.label_scale)
+    p.add_argument("--freeze", type=_int_list, default=(), help="1-based layers kept at init")
+    p.add_argument("--train-eval-samples", type=int, default=d.train_eval_samples)
+
+
+def config_from_args(args: argparse.Namespace) -> FFConfig:
+    """Build the FFConfig that the flags describe (validated)."""
+    return FFConfig(
+        layers=args.layers,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        seed=args.seed,
+        goodness=args.goodness,
+        threshold=args.threshold,
+        temperature=args.temperature,
+        norm=args.norm,
+        peer_strength=args.peer_strength,
+        negatives=args.negatives,
+        training=args.training,
+        softmax_head=not args.no_softmax_head,
+        label_scale=args.label_scale,
+        freeze=args.freeze,
+        train_eval_samples=args.train_eval_samples,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ffkern", description="Forward-Forward training with fused kernels."
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a supervised FF network")
+    add_data_arguments(train)
+    add_config_arguments(train)
+    train.add_argument("--metrics", metavar="PATH", help="append one JSON line per epoch")
+    train.add_argument("--checkpoint", metavar="PATH", help="write a checkpoint every epoch")
+    train.add_argument("--resume", metavar="PATH", help="continue from this checkpoint")
+    train.add_argument("--stop-after", type=int, metavar="E", help="stop after epoch E")
+    train.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test set")
+    ev.add_argument("checkpoint", metavar="CHECKPOINT")
+    add_data_arguments(ev)
+    ev.set_defaults(dataset=None)
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    train.set_defaults(func=cmd_train)
+    ev.set_defaults(func=cmd_eval)
+    for module in EXTRA_COMMAND_MODULES:
+        importlib.import_module(module).add_cli(sub)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ffkern.data import load_dataset
+    from ffkern.trainer import Trainer
+
+    if args.resume:
+        from ffkern.checkpoint import load_checkpoint
+
+        saved = FFConfig.from_dict(load_checkpoint(args.resume)["config"])
+        config = saved.replace(epochs=args.epochs) if _given(args, "epochs") else saved
+        dataset_name = load_checkpoint(args.resume)["dataset"]
+        if _given(args, "dataset") and args.dataset != dataset_name:
+            raise ValueError(
+                f"--resume checkpoint was trained on {dataset_name!r}, not {args.dataset!r}"
+            )
+    else:
+        config, dataset_name = config_from_args(args), args.dataset
+    dataset = load_dataset(dataset_name, args.data, download=args.download)
+    trainer = Trainer(
+        config,
+        dataset,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        metrics_path=args.metrics,
+        checkpoint_path=args.checkpoint,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+    if args.resume:
+        trainer.resume(args.resume)
+    result = trainer.fit(stop_after=args.stop_after)
+    if result.history:
+        last = result.history[-1]
+        print(json.dumps({k: last[k] for k in ("epoch", "loss", "train_acc", "test_acc")}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ffkern.checkpoint import load_checkpoint
+    from ffkern.data import load_dataset
+    from ffkern.trainer import Trainer
+
+    data = load_checkpoint(args.checkpoint)
+    config = FFConfig.from_dict(data["config"])
+    name = args.dataset or data["dataset"]
+    dataset = load_dataset(name, args.data, download=args.download)
+    trainer = Trainer(config, dataset, backend=args.backend, device=args.device)
+    trainer.network.load_state_dict(data["network"])
+    result: dict[str, Any] = {
+        "checkpoint": args.checkpoint,
+        "dataset": name,
+        "epoch": data["epoch"],
+    }
+    result.update(trainer.evaluate())
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            shown = f"{100 * value:.2f}%" if key.endswith("_acc") or "_acc_" in key else value
+            print(f"{key:>18}: {shown}")
+    return 0
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    return name in getattr(args, "_explicit", set())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args._explicit = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv}
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+        log.error("%s", exc)
+        print(f"ffkern {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
