@@ -27,6 +27,8 @@ class FFConfig:
     norm_eps: float = 1e-8  # ε in r = 1 / sqrt(mean x² + ε)
     peer_strength: float = 0.03  # peer normalization λ (Hinton: 0.03); 0 turns it off
     peer_momentum: float = 0.9  # running mean of unit activity: m ← ρ m + (1 - ρ) mean h
+    objective: str = "logistic"  # "logistic" (Hinton), "reversed" or "symba"
+    symba_alpha: float = 4.0  # α of the symba objective
     # -- labels and negative data -------------------------------------------------------------
     label_scale: float = 1.0  # value of the one-hot label pixels written over the first pixels
     negatives: str = "hard"  # "hard": wrong labels drawn ∝ the model's predictions; "random"
@@ -73,10 +75,10 @@ class FFConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.label_scale <= 0:
             raise ValueError(f"label_scale must be > 0, got {self.label_scale}")
-        self.objective()  # validates the objective's fields
+        self.layer_objective()  # validates the objective's fields
         self.optim()  # validates the optimizer's fields
 
-    def objective(self) -> LayerObjective:
+    def layer_objective(self) -> LayerObjective:
         """The local objective every layer optimises."""
         return LayerObjective(
             goodness=self.goodness,
@@ -86,6 +88,8 @@ class FFConfig:
             norm_eps=self.norm_eps,
             peer_strength=self.peer_strength,
             peer_momentum=self.peer_momentum,
+            objective=self.objective,
+            symba_alpha=self.symba_alpha,
         )
 
     def optim(self) -> OptimConfig:

@@ -60,7 +60,7 @@ class FFNetwork:
         self.num_classes = num_classes
         self.device = torch.device(device)
         self.backend = backend if backend is not None else get_backend("reference", self.device)
-        self.objective = config.objective()
+        self.objective = config.layer_objective()
         self.opt = config.optim()
         # Initialization draws from a CPU generator so that the same seed gives the same
         # weights on every device; sampling during training uses a generator on the device.

@@ -49,6 +49,7 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]  # averages a tensor over data-p
 
 NORMS = ("rms", "l2")
 GOODNESS = ("sum", "mean")
+OBJECTIVES = ("logistic", "reversed", "symba")
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,14 @@ class LayerObjective:
     norm_eps: float = 1e-8  # ε inside the square root of the normalization
     peer_strength: float = 0.03  # λ of peer normalization; 0 turns it off
     peer_momentum: float = 0.9  # ρ of the running mean activity per unit
+    objective: str = "logistic"  # "logistic", "reversed" (positives low) or "symba" (pairs)
+    symba_alpha: float = 4.0  # α of SymBa's softplus(-α (g⁺ - g⁻))
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not self.symba_alpha > 0:
+            raise ValueError(f"symba_alpha must be > 0, got {self.symba_alpha}")
         if self.goodness not in GOODNESS:
             raise ValueError(f"goodness must be one of {GOODNESS}, got {self.goodness!r}")
         if self.norm not in NORMS:
@@ -132,12 +139,50 @@ def signs(n: int, n_pos: int, like: torch.Tensor) -> torch.Tensor:
     return s
 
 
+def loss_and_coef(
+    g: torch.Tensor, n_pos: int, obj: LayerObjective, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local loss ``L`` of ``obj.objective`` and the row coefficients ``c`` (dz = c ⊙ h).
+
+    - ``logistic``: ``L = mean_i softplus(-s_i (g_i - θ) / T)`` (Hinton's objective);
+    - ``reversed``: the same with ``s`` negated: positives are pushed *below* θ;
+    - ``symba``: rows ``i`` and ``n_pos + i`` form a (positive, negative) pair and
+      ``L = (1/P) Σ_i softplus(-α (g⁺_i - g⁻_i))``, so ``∂L/∂g⁺_i = -α σ(-α Δ_i) / P`` and
+      ``∂L/∂g⁻_i = +α σ(-α Δ_i) / P`` with ``Δ_i = g⁺_i - g⁻_i`` (Lee and Song, 2023).
+    """
+    if obj.objective == "symba":
+        return symba_loss_and_coef(g, n_pos, obj, width)
+    return logistic_loss_and_coef(g, n_pos, obj, width)
+
+
+def symba_loss_and_coef(
+    g: torch.Tensor, n_pos: int, obj: LayerObjective, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SymBa's pairwise loss and row coefficients (see :func:`loss_and_coef`)."""
+    if 2 * n_pos != g.shape[0]:
+        raise ValueError(
+            f"the symba objective pairs each positive with one negative: it needs as many "
+            f"negatives as positives, got {n_pos} positives and {g.shape[0] - n_pos} negatives"
+        )
+    a = obj.symba_alpha
+    delta = g[:n_pos] - g[n_pos:]
+    loss = torch.logaddexp(torch.zeros_like(delta), -a * delta).mean()
+    dpos = -a * torch.sigmoid(-a * delta) / n_pos
+    coef = obj.kappa(width) * torch.cat([dpos, -dpos])
+    return loss, coef
+
+
 def logistic_loss_and_coef(
     g: torch.Tensor, n_pos: int, obj: LayerObjective, width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean logistic loss ``L`` and the row coefficients ``c`` with ``dz = c ⊙ h``."""
+    """Mean logistic loss ``L`` and the row coefficients ``c`` with ``dz = c ⊙ h``.
+
+    With ``obj.objective == "reversed"`` the signs are swapped (positives want low goodness).
+    """
     n = g.shape[0]
     s = signs(n, n_pos, g)
+    if obj.objective == "reversed":
+        s = -s
     u = s * (g - obj.theta(width)) / obj.temperature
     # logaddexp(0, -u) is softplus(-u) without torch.softplus's linear cut-off above 20.
     loss = torch.logaddexp(torch.zeros_like(u), -u).mean()
@@ -186,7 +231,7 @@ def layer_step(
     z = torch.addmm(bias, xn, weight.t())
     h = torch.relu(z)
     g = goodness_of(h, obj)
-    loss, coef = logistic_loss_and_coef(g, n_pos, obj, width)
+    loss, coef = loss_and_coef(g, n_pos, obj, width)
     new_mean, peer = peer_update(h, n_pos, peer_mean, obj, reduce)
     dz = coef[:, None] * h
     if obj.peer_strength and n_pos:

@@ -34,7 +34,7 @@ class ReferenceBackend(Backend):
     ) -> StepOutput:
         if layer.frozen:
             g, out = self.forward(layer, inp, obj)
-            loss, _ = reference.logistic_loss_and_coef(g, n_pos, obj, layer.out_features)
+            loss, _ = reference.loss_and_coef(g, n_pos, obj, layer.out_features)
             return StepOutput(loss=loss, goodness=g, out=out)
         res = reference.layer_step(
             layer.weight, layer.bias, inp.x, inp.scale, n_pos, obj, layer.peer_mean, reduce
