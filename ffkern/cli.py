@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-after", type=int, metavar="E", help="stop after epoch E")
     train.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--parallel",
+        choices=("none", "data", "pipeline"),
+        default="none",
+        help="scale out with torch.distributed (launch with torchrun)",
+    )
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test set")
     ev.add_argument("checkpoint", metavar="CHECKPOINT")
@@ -126,6 +132,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ffkern.data import load_dataset
     from ffkern.trainer import Trainer
 
+    if args.parallel != "none":
+        from ffkern.distributed import cli_train
+
+        return cli_train(args)
     if args.resume:
         from ffkern.checkpoint import load_checkpoint
 
