@@ -21,12 +21,14 @@ step needs, without another pass over ``h``::
 
     g_i  = q_i  (goodness "sum")   or   q_i / D  ("mean")
     r'_i = 1 / sqrt(q_i / D + ε)   (norm "rms")   or   1 / sqrt(q_i + ε)  ("l2")
-    u_i  = s_i (g_i - θ) / T       s_i = +1 for i < n_pos, -1 after
+    u_i  = s_i (g_i - θ) / T       s_i = σ₊ for i < n_pos, -σ₊ after
     ℓ_i  = softplus(-u_i) = max(-u_i, 0) + log(1 + exp(-|u_i|))
     c_i  = -κ s_i σ(-u_i) / (T N)  so that the FF part of dz is c ⊙ h
 
-The logistic part (``u``, ``ℓ``, ``c``) is optional (``LOGISTIC``): another objective computes
-its own ``(L, c)`` from ``g`` in torch and skips it. ``L = (1/N) Σ ℓ_i`` is reduced the same
+The sign ``σ₊`` is +1 for Hinton's objective (positives want goodness above θ) and -1 for the
+reversed one (positives below θ). The logistic part (``u``, ``ℓ``, ``c``) is optional
+(``LOGISTIC``): another objective (SymBa, say) computes its own ``(L, c)`` from ``g`` in torch
+and skips it. ``L = (1/N) Σ ℓ_i`` is reduced the same
 way as ``q``: one partial per program, summed afterwards.
 
 Precision: see :mod:`ffkern.kernels.config`. ``x`` is float32 or bfloat16; each tile of ``x``
@@ -40,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ffkern.kernels.config import DOT_PRECISION, LAUNCH_COUNTS, gemm_config, is_interpreted
+from .config import DOT_PRECISION, LAUNCH_COUNTS, gemm_config, is_interpreted, row_block
 
 
 @triton.jit
@@ -135,6 +137,7 @@ def ff_row_stats_kernel(
     goodness_scale,  # 1 for "sum", 1/D for "mean"
     norm_scale,  # 1/D for "rms", 1 for "l2"
     norm_eps,  # ε
+    positive_sign,  # σ₊: +1 (logistic) or -1 (reversed)
     theta,  # θ
     inv_temperature,  # 1/T
     coef_scale,  # κ / (T N)
@@ -155,7 +158,7 @@ def ff_row_stats_kernel(
     tl.store(g_ptr + offs, g, mask=mask)
     tl.store(scale_out_ptr + offs, scale_out, mask=mask)
     if LOGISTIC:
-        s = tl.where(offs < n_pos, 1.0, -1.0)
+        s = tl.where(offs < n_pos, positive_sign, -positive_sign)
         u = s * (g - theta) * inv_temperature
         # softplus(-u) and σ(-u) from e = exp(-|u|) <= 1, which cannot overflow.
         e = tl.exp(-tl.abs(u))
@@ -231,24 +234,30 @@ def row_stats(
     goodness: str,
     norm: str,
     norm_eps: float,
-    logistic: tuple[float, float, float] | None = None,
+    logistic: tuple[float, float, float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-row statistics from the partial sums of squares of a layer of ``width`` units.
 
-    ``logistic`` is ``(θ, T, κ)`` to also compute the logistic loss and its coefficient, or
-    ``None`` to skip them. Returns ``(q, g, r', c, L)``, with ``c`` and the scalar ``L`` None
-    when ``logistic`` is None. All results are float32 tensors on the device (no host sync).
+    ``logistic`` is ``(θ, T, κ, σ₊)`` to also compute the logistic loss and its coefficient
+    (σ₊ = +1 for Hinton's objective, -1 for the reversed one), or ``None`` to skip them.
+    Returns ``(q, g, r', c, L)``, with ``c`` and the scalar ``L`` None when ``logistic`` is
+    None. All results are float32 tensors on the device (no host sync).
     """
     t, n = q_part.shape
-    block = 1024 if not is_interpreted(ff_row_stats_kernel) else 256
+    block = row_block(is_interpreted(ff_row_stats_kernel))
     programs = triton.cdiv(n, block)
     dev = q_part.device
     q = torch.empty(n, device=dev, dtype=torch.float32)
     g = torch.empty_like(q)
     scale_out = torch.empty_like(q)
-    coef = torch.empty_like(q) if logistic is not None else q
-    loss_part = torch.empty(programs, device=dev, dtype=torch.float32) if logistic is not None else q
-    theta, temperature, kappa = logistic if logistic is not None else (0.0, 1.0, 0.0)
+    # Without the logistic part, c and the loss partials are never written: q stands in.
+    coef, loss_part = q, q
+    if logistic is not None:
+        coef = torch.empty_like(q)
+        loss_part = torch.empty(programs, device=dev, dtype=torch.float32)
+    theta, temperature, kappa, positive_sign = (
+        (0.0, 1.0, 0.0, 1.0) if logistic is None else logistic
+    )
     LAUNCH_COUNTS["ff_row_stats_kernel"] += 1
     ff_row_stats_kernel[(programs,)](
         q_part,
@@ -263,6 +272,7 @@ def row_stats(
         1.0 if goodness == "sum" else 1.0 / width,
         1.0 / width if norm == "rms" else 1.0,
         norm_eps,
+        float(positive_sign),
         theta,
         1.0 / temperature,
         kappa / (temperature * n),

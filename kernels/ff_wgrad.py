@@ -38,8 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ffkern.kernels.config import DOT_PRECISION, LAUNCH_COUNTS, gemm_config, is_interpreted
 from ffkern.optim import OptimConfig
+
+from .config import DOT_PRECISION, LAUNCH_COUNTS, gemm_config, is_interpreted
 
 UPDATE_NONE, UPDATE_SGD, UPDATE_ADAM = 0, 1, 2
 
