@@ -42,7 +42,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import DOT_PRECISION, LAUNCH_COUNTS, gemm_config, is_interpreted, row_block
+from .config import (
+    DOT_PRECISION,
+    LAUNCH_COUNTS,
+    empty,
+    gemm_config,
+    is_interpreted,
+    row_block,
+)
 
 
 @triton.jit
@@ -193,9 +200,9 @@ def forward_gemm(
     operand = torch.bfloat16 if precision == "bf16" else torch.float32
     tiles_m = triton.cdiv(n, cfg.block_m)
     tiles_n = triton.cdiv(d, cfg.block_n)
-    h = torch.empty((n, d), device=x.device, dtype=operand)
-    q_part = torch.empty((tiles_n, n), device=x.device, dtype=torch.float32)
-    p_part = torch.empty((tiles_m if peer else 1, d), device=x.device, dtype=torch.float32)
+    h = empty((n, d), x.device, operand)
+    q_part = empty((tiles_n, n), x.device, torch.float32)
+    p_part = empty((tiles_m if peer else 1, d), x.device, torch.float32)
     LAUNCH_COUNTS["ff_forward_kernel"] += 1
     ff_forward_kernel[(tiles_m * tiles_n,)](
         x,
@@ -247,14 +254,14 @@ def row_stats(
     block = row_block(is_interpreted(ff_row_stats_kernel))
     programs = triton.cdiv(n, block)
     dev = q_part.device
-    q = torch.empty(n, device=dev, dtype=torch.float32)
-    g = torch.empty_like(q)
-    scale_out = torch.empty_like(q)
+    q = empty((n,), dev, torch.float32)
+    g = empty((n,), dev, torch.float32)
+    scale_out = empty((n,), dev, torch.float32)
     # Without the logistic part, c and the loss partials are never written: q stands in.
     coef, loss_part = q, q
     if logistic is not None:
-        coef = torch.empty_like(q)
-        loss_part = torch.empty(programs, device=dev, dtype=torch.float32)
+        coef = empty((n,), dev, torch.float32)
+        loss_part = empty((programs,), dev, torch.float32)
     theta, temperature, kappa, positive_sign = (
         (0.0, 1.0, 0.0, 1.0) if logistic is None else logistic
     )

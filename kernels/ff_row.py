@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import LAUNCH_COUNTS, is_interpreted, row_block
+from .config import LAUNCH_COUNTS, empty, is_interpreted, row_block
 
 
 @triton.jit
@@ -134,10 +134,10 @@ def ff_row(
     """
     n, d = z.shape
     dev = z.device
-    h = torch.empty((n, d), device=dev, dtype=out_dtype)
-    dz = torch.empty_like(h)
-    y = torch.empty_like(h) if normalized else h
-    vec = {name: torch.empty(n, device=dev, dtype=torch.float32) for name in _VECTORS}
+    h = empty((n, d), dev, out_dtype)
+    dz = empty((n, d), dev, out_dtype)
+    y = empty((n, d), dev, out_dtype) if normalized else h
+    vec = {name: empty((n,), dev, torch.float32) for name in _VECTORS}
     LAUNCH_COUNTS["ff_row_kernel"] += 1
     ff_row_kernel[(n,)](
         z,

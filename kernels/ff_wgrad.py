@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ffkern.optim import OptimConfig
 
-from .config import DOT_PRECISION, LAUNCH_COUNTS, gemm_config, is_interpreted
+from .config import DOT_PRECISION, LAUNCH_COUNTS, empty, gemm_config, is_interpreted
 
 UPDATE_NONE, UPDATE_SGD, UPDATE_ADAM = 0, 1, 2
 
@@ -252,8 +252,8 @@ def weight_grad(
     off. ``dW`` has the (D, K) layout of the weight.
     """
     d, k = h.shape[1], x.shape[1]
-    dw = torch.empty((d, k), device=h.device, dtype=torch.float32)
-    db = torch.empty(d, device=h.device, dtype=torch.float32)
+    dw = empty((d, k), h.device, torch.float32)
+    db = empty((d,), h.device, torch.float32)
     scalars = (0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0)
     _launch(h, x, scale, coef, peer, n_pos, dw, db, (dw, dw), (db, db), scalars, 0, precision)
     return dw, db
