@@ -192,6 +192,10 @@ def make_preset(name: str, device: torch.device, quick: bool) -> Preset:
         return Preset(cases, layer, 0.3 if quick else 1.0)
     if name != "sweep":
         raise ValueError(f"unknown --config {name!r}; choose from {sorted(PRESETS)}")
+    if quick and gpu:
+        grid = [Case((w,) * d, 1000, "grid") for w in (1000, 2000) for d in (2, 4)]
+        batch = [Case(GPU_TARGET_NET, b, "batch") for b in (100, 1000, 4096, 8192)]
+        return Preset(tuple(grid + batch), None, 0.25)
     if quick:
         grid = [Case((w,) * d, 500, "grid") for w in (500, 1000) for d in (2, 3)]
         batch = [Case(CPU_TARGET_NET, b, "batch") for b in (100, 1000)]
@@ -384,9 +388,14 @@ def is_oom(err: BaseException) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def triton_skip_reason(device: torch.device) -> str | None:
-    """Why the Triton backend cannot be benchmarked here, or None when it can."""
-    if device.type != "cuda":
+def triton_skip_reason(device: torch.device, allow_interpreter: bool = False) -> str | None:
+    """Why the Triton backend cannot be benchmarked here, or None when it can.
+
+    On the CPU it runs only through Triton's interpreter, orders of magnitude too slow to
+    time; ``--allow-interpreter`` (which sets ``TRITON_INTERPRET=1``) still runs it there, to
+    smoke-test the benchmark's code paths on tiny shapes, never to measure it.
+    """
+    if device.type != "cuda" and not allow_interpreter:
         return "needs CUDA: under TRITON_INTERPRET=1 on the CPU it is far too slow to time"
     try:
         from ffkern.backends.triton import TritonBackend  # noqa: F401
@@ -552,6 +561,7 @@ def layer_target(
     precisions: Sequence[str],
     budget_s: float,
     floors: dict[str, float],
+    with_triton: bool,
 ) -> list[LayerRow]:
     """Time one layer step of every available backend against two bare matmuls, per precision.
 
@@ -565,7 +575,7 @@ def layer_target(
 
     n, flops = 2 * rows, 8 * rows * width * width
     impls = ["reference"]
-    if triton_skip_reason(device) is None:
+    if with_triton:
         impls = ["triton", *(["triton-row"] if supports_row_fusion() else []), "reference"]
     obj = LayerObjective(peer_strength=0.0)
     opt = OptimConfig(lr=LR, schedule="constant")
@@ -1075,6 +1085,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write rows, machine and versions as JSON")
     p.add_argument("--plot", metavar="PATH", help="samples/s vs batch size (needs matplotlib)")
     p.add_argument(
+        "--allow-interpreter",
+        action="store_true",
+        help="run the triton rows on the CPU through TRITON_INTERPRET=1 (smoke tests only)",
+    )
+    p.add_argument(
         "--profile",
         metavar="IMPL",
         help="profile IMPL on the first case of the preset instead of timing",
@@ -1116,7 +1131,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif args.allow_interpreter:
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
     preset = make_preset(args.config, device, args.quick)
+    if args.mnist_recipe_time:
+        preset = Preset((), None, 0.0)  # the recipe alone
     warmup = 3 if device.type == "cuda" else 2
     if args.config == "micro":
         warmup = 1
@@ -1126,7 +1145,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return {}
 
     impls = list(args.impls)
-    skip = triton_skip_reason(device)
+    skip = triton_skip_reason(device, args.allow_interpreter)
     if "triton-row" in impls and (skip is not None or not supports_row_fusion()):
         impls.remove("triton-row")
         if skip is None:
@@ -1136,7 +1155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         impls = [i for i in impls if i != "triton-row"]
         print(f"triton: skipped, {skip}")
     triton_precisions = [args.precision]
-    if args.config == "gpu-target" and skip is None:
+    if args.config == "gpu-target" and skip is None and device.type == "cuda":
         triton_precisions = list(PRECISIONS)  # the targets are reported at every precision
 
     precisions_used = {"fp32", args.precision}
@@ -1210,7 +1229,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     layer_rows: list[LayerRow] = []
     if preset.layer_target is not None:
         precs = triton_precisions if skip is None else ["fp32"]
-        layer_rows = layer_target(*preset.layer_target, device, precs, preset.budget_s, floors)
+        layer_rows = layer_target(
+            *preset.layer_target, device, precs, preset.budget_s, floors, skip is None
+        )
 
     recipe = None
     if args.mnist_recipe_time:
