@@ -18,11 +18,29 @@ normalized output is the next layer's input. Two predictors:
 - softmax: a linear softmax classifier on the concatenated normalized activities (same layers)
   of the neutral-label pass, trained with its closed-form cross-entropy gradient on every
   minibatch. Its gradient does not reach the FF layers.
+
+With the ``reversed`` objective positives are trained to have *low* goodness, so the goodness
+predictor picks the label with the least goodness; hard negatives still come from the softmax
+head, whose probabilities do not depend on the objective's sign.
+
+Variants (see :mod:`ffkern.variants`):
+
+- ``negatives="hybrid"`` is unsupervised FF (Hinton §3.2): no label is written into the input,
+  a positive is a real image and its negative a hybrid of it with another image of the batch
+  (:mod:`ffkern.variants.hybrid`). The softmax head then reads the last three hidden layers
+  (all of them when there are fewer), is trained alongside on the real images, and is the
+  only predictor;
+- ``augment="jitter"`` shifts each positive image before its label is written
+  (:mod:`ffkern.variants.augment`); the negatives of the step are made from the shifted image;
+- ``model="recurrent"`` is a different network,
+  :class:`ffkern.variants.recurrent.RecurrentFFNetwork`; :func:`build_network` picks the class
+  from the configuration.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -30,6 +48,7 @@ import torch
 from ffkern import optim, reference
 from ffkern.backends import Activations, Backend, FFLayer, get_backend
 from ffkern.config import FFConfig
+from ffkern.variants import augment, hybrid
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +66,25 @@ class FFNetwork:
         device: torch.device | str = "cpu",
         backend: Backend | None = None,
         seed: int | None = None,
+        image_shape: tuple[int, int, int] | None = None,
     ) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-        if in_features < num_classes:
+        writes_label = not config.unsupervised and config.model == "feedforward"
+        if in_features < num_classes and writes_label:
             raise ValueError(
                 f"the label is written into the first {num_classes} input features, but the "
                 f"input has only {in_features}"
             )
+        if config.model != "feedforward" and type(self) is FFNetwork:
+            raise ValueError(
+                f"FFNetwork is the feedforward model, got model={config.model!r}; "
+                "use ffkern.model.build_network"
+            )
         self.config = config
         self.in_features = in_features
         self.num_classes = num_classes
+        self.image_shape = resolve_image_shape(in_features, image_shape, config)
         self.device = torch.device(device)
         self.backend = backend if backend is not None else get_backend("reference", self.device)
         self.objective = config.layer_objective()
@@ -65,10 +92,7 @@ class FFNetwork:
         # Initialization draws from a CPU generator so that the same seed gives the same
         # weights on every device; sampling during training uses a generator on the device.
         init_gen = torch.Generator().manual_seed(config.seed if seed is None else seed)
-        widths = (in_features, *config.layers)
-        self.layers = [
-            self._init_layer(widths[i], widths[i + 1], init_gen) for i in range(len(config.layers))
-        ]
+        self.layers = self._build_layers(init_gen)
         for i in config.freeze:
             self.layers[i - 1].frozen = True
         self.head_weight = torch.zeros(num_classes, self.feature_dim, device=self.device)
@@ -77,6 +101,11 @@ class FFNetwork:
         self.head_step = 0
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed((config.seed if seed is None else seed) + 1)
+
+    def _build_layers(self, gen: torch.Generator) -> list[FFLayer]:
+        """One layer per width, each fed by the one below (the image for the first)."""
+        widths = (self.in_features, *self.config.layers)
+        return [self._init_layer(widths[i], widths[i + 1], gen) for i in range(len(widths) - 1)]
 
     def _init_layer(self, fan_in: int, fan_out: int, gen: torch.Generator) -> FFLayer:
         weight = torch.randn(fan_out, fan_in, generator=gen) / fan_in**0.5
@@ -90,8 +119,20 @@ class FFNetwork:
 
     @property
     def scored_layers(self) -> range:
-        """Indices of the layers whose goodness and activities the predictors use."""
-        return range(1 if len(self.layers) > 1 else 0, len(self.layers))
+        """Indices of the layers whose goodness and activities the predictors use.
+
+        Supervised: every layer but the first (which sees the label pixels directly), or the
+        only one. Unsupervised (hybrid negatives): the last three layers, or all if fewer.
+        """
+        n = len(self.layers)
+        if self.config.unsupervised:
+            return range(max(0, n - 3), n)
+        return range(1 if n > 1 else 0, n)
+
+    @property
+    def default_method(self) -> str:
+        """The predictor :meth:`predict` uses when none is named: the head when unsupervised."""
+        return "softmax" if self.config.unsupervised else "goodness"
 
     @property
     def feature_dim(self) -> int:
@@ -99,7 +140,12 @@ class FFNetwork:
         return sum(self.config.layers[i] for i in self.scored_layers)
 
     def embed(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """``x`` (B, K) with its first C features replaced by the label code (None: neutral)."""
+        """``x`` (B, K) with its first C features replaced by the label code (None: neutral).
+
+        An unsupervised network (hybrid negatives) writes no label: ``x`` comes back as is.
+        """
+        if self.config.unsupervised:
+            return x
         out = x.clone()
         c, s = self.num_classes, self.config.label_scale
         if labels is None:
@@ -144,7 +190,16 @@ class FFNetwork:
         return torch.cat([outs[i][1].normalized() for i in self.scored_layers], dim=1)
 
     def goodness_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C) goodness summed over the scored layers, for each candidate label."""
+        """(B, C) goodness summed over the scored layers, for each candidate label.
+
+        These are raw goodness values: the best label is the argmax, or the argmin under the
+        ``reversed`` objective (see :meth:`predict`).
+        """
+        if self.config.unsupervised:
+            raise ValueError(
+                "an unsupervised network (negatives='hybrid') has no label input to score; "
+                "predict with its softmax head"
+            )
         b, c = x.shape[0], self.num_classes
         labels = torch.arange(c, device=x.device).repeat_interleave(b)
         outs = self.forward_layers(self.embed(x.repeat(c, 1), labels))
@@ -155,8 +210,13 @@ class FFNetwork:
         return torch.addmm(self.head_bias, feats, self.head_weight.t())
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, method: str = "goodness") -> torch.Tensor:
-        """Predicted labels (B,) by ``goodness`` or ``softmax``, in evaluation-sized chunks."""
+    def predict(self, x: torch.Tensor, method: str | None = None) -> torch.Tensor:
+        """Predicted labels (B,) by ``goodness`` or ``softmax``, in evaluation-sized chunks.
+
+        ``None`` is :attr:`default_method`. The goodness predictor picks the label with the
+        most goodness, or the least under the ``reversed`` objective.
+        """
+        method = self.default_method if method is None else method
         if method not in ("goodness", "softmax"):
             raise ValueError(f"method must be 'goodness' or 'softmax', got {method!r}")
         if method == "softmax" and not self.config.softmax_head:
@@ -165,7 +225,9 @@ class FFNetwork:
         for start in range(0, x.shape[0], self.config.eval_batch_size):
             xb = x[start : start + self.config.eval_batch_size]
             if method == "goodness":
-                chunks.append(self.goodness_scores(xb).argmax(dim=1))
+                scores = self.goodness_scores(xb)
+                best = scores.argmin if self.objective.objective == "reversed" else scores.argmax
+                chunks.append(best(dim=1))
             else:
                 chunks.append(self.head_logits(self.features(xb)).argmax(dim=1))
         return torch.cat(chunks)
@@ -181,12 +243,24 @@ class FFNetwork:
         active: int | None = None,
         reduce: Reduce | None = None,
     ) -> torch.Tensor:
-        """One supervised FF step on raw images ``x`` (B, K) with true ``labels`` (B,).
+        """One FF step on raw images ``x`` (B, K) with true ``labels`` (B,).
 
         Trains every layer (or, greedily, only layer ``active``; layers below it run forward
         only) on B positives and B negatives. Returns the per-layer losses (L,) on the device.
         ``reduce`` averages gradients over data-parallel ranks (see :class:`Backend`).
+
+        With ``augment="jitter"`` the images are shifted first. Supervised, the negatives are
+        the same images with wrong labels; unsupervised (``negatives="hybrid"``) they are
+        hybrids of two images, and the labels only train the softmax head.
         """
+        x = self.augment(x)
+        if self.config.unsupervised:
+            if self.config.softmax_head:
+                self._train_head(x, labels, lr, reduce)
+            neg = hybrid.make_hybrids(
+                x, self.require_image_shape(), self.config.blur_passes, self.generator
+            )
+            return self.train_layers(torch.cat([x, neg]), x.shape[0], lr, active, reduce)
         probs = None
         if self.config.softmax_head:
             probs = self._train_head(x, labels, lr, reduce)
@@ -195,6 +269,22 @@ class FFNetwork:
         )
         batch = torch.cat([self.embed(x, labels), self.embed(x, neg)])
         return self.train_layers(batch, x.shape[0], lr, active, reduce)
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """The training images after the configured augmentation (``x`` itself for none)."""
+        if self.config.augment == "none":
+            return x
+        return augment.jitter(x, self.require_image_shape(), self.config.max_shift, self.generator)
+
+    def require_image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images, or a ``ValueError`` saying how to provide it."""
+        if self.image_shape is None:
+            raise ValueError(
+                f"negatives={self.config.negatives!r} / augment={self.config.augment!r} need "
+                f"the (C, H, W) image shape, and {self.in_features} features are not a square "
+                "single-channel image; pass image_shape=dataset.image_shape"
+            )
+        return self.image_shape
 
     def train_layers(
         self,
@@ -270,3 +360,37 @@ class FFNetwork:
         self.head_state = {k: v.to(self.device) for k, v in head["state"].items()}  # type: ignore
         self.head_step = int(head["step"])  # type: ignore[index]
         self.generator.set_state(state["generator"])  # type: ignore[arg-type]
+
+
+def resolve_image_shape(
+    in_features: int, image_shape: tuple[int, int, int] | None, config: FFConfig
+) -> tuple[int, int, int] | None:
+    """``image_shape`` checked against ``in_features``; if None, a square grey image if any."""
+    if image_shape is None:
+        side = math.isqrt(in_features)
+        return (1, side, side) if side * side == in_features else None
+    shape = tuple(int(v) for v in image_shape)
+    if len(shape) != 3 or math.prod(shape) != in_features:
+        raise ValueError(
+            f"image_shape must be (C, H, W) with C·H·W = {in_features} input features, "
+            f"got {image_shape}"
+        )
+    return shape  # type: ignore[return-value]
+
+
+def build_network(
+    config: FFConfig,
+    in_features: int,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    backend: Backend | None = None,
+    seed: int | None = None,
+    image_shape: tuple[int, int, int] | None = None,
+) -> FFNetwork:
+    """The network ``config.model`` names: :class:`FFNetwork` or the recurrent one."""
+    cls: type[FFNetwork] = FFNetwork
+    if config.model == "recurrent":
+        from ffkern.variants.recurrent import RecurrentFFNetwork
+
+        cls = RecurrentFFNetwork
+    return cls(config, in_features, num_classes, device, backend, seed, image_shape)

@@ -1,5 +1,8 @@
 """The training loop: shuffle, step every layer, evaluate, log, checkpoint. No autograd.
 
+The network class follows ``config.model`` (:func:`ffkern.model.build_network`) and gets the
+dataset's ``(C, H, W)`` image shape, which hybrid negatives and jitter need.
+
 Host-device synchronisation happens once per epoch (reading the accumulated loss and the
 accuracies), never per minibatch. Checkpoints are written at the end of an epoch and hold
 everything the next epoch depends on, so a resumed run is bitwise the run that was not stopped
@@ -18,12 +21,12 @@ from typing import Any
 
 import torch
 
-from ffkern import optim
+from ffkern import optim, reference
 from ffkern.backends import Backend, get_backend
 from ffkern.checkpoint import MetricsLog, load_checkpoint, save_checkpoint
 from ffkern.config import FFConfig
 from ffkern.data import Dataset
-from ffkern.model import FFNetwork
+from ffkern.model import FFNetwork, build_network
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +67,22 @@ class Trainer:
         self.config = config
         self.device = resolve_device(device)
         self.dataset = dataset.to(self.device)
-        self.backend = (
-            backend
-            if isinstance(backend, Backend)
-            else get_backend(backend, self.device, precision)
-        )
+        if isinstance(backend, Backend):
+            _check_objective_backend(backend, config)
+            self.backend = backend
+        else:
+            self.backend = _objective_backend(get_backend(backend, self.device, precision), config)
         self.metrics_path = Path(metrics_path) if metrics_path is not None else None
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.progress = progress
         self.overwrite = overwrite
-        self.network = FFNetwork(
+        self.network: FFNetwork = build_network(
             config,
             dataset.num_features,
             dataset.num_classes,
             device=self.device,
             backend=self.backend,
+            image_shape=dataset.image_shape,
         )
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, Any]] = []
@@ -188,6 +192,8 @@ class Trainer:
         steps = 0
         t0 = time.perf_counter()
         for start in _progress(starts, self.progress, f"epoch {self.epoch + 1}"):
+            if cfg.unsupervised and n - start < 2:
+                continue  # a hybrid needs two images; a final batch of one is skipped
             idx = order[start : start + cfg.batch_size]
             losses = net.train_step(ds.x_train[idx], ds.y_train[idx], lr, active=active)
             loss_sum[: losses.shape[0]] += losses
@@ -213,17 +219,65 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Accuracies of both predictors on the training subset and the test set."""
+        """Accuracies of both predictors on the training subset and the test set.
+
+        ``train_acc`` and ``test_acc`` are those of the network's default predictor (goodness,
+        or the softmax head for unsupervised FF); ``*_softmax`` are added for the head when it
+        is not already the default.
+        """
         ds, net = self.dataset, self.network
         xs, ys = ds.x_train[self._train_eval_idx], ds.y_train[self._train_eval_idx]
         out = {
             "train_acc": accuracy(net.predict(xs), ys),
             "test_acc": accuracy(net.predict(ds.x_test), ds.y_test),
         }
-        if self.config.softmax_head:
+        if self.config.softmax_head and net.default_method != "softmax":
             out["train_acc_softmax"] = accuracy(net.predict(xs, "softmax"), ys)
             out["test_acc_softmax"] = accuracy(net.predict(ds.x_test, "softmax"), ds.y_test)
         return out
+
+
+def _ignores_objective(backend: Backend, config: FFConfig) -> bool:
+    """True for a triton backend that would run the logistic loss whatever the objective.
+
+    The triton backend computes the built-in logistic loss in its row-statistics kernel unless
+    it is constructed with an ``objective`` callable; it does not read
+    ``LayerObjective.objective`` itself (as of this writing).
+    """
+    return (
+        config.objective != "logistic"
+        and backend.name == "triton"
+        and getattr(backend, "objective", None) is None
+    )
+
+
+def _objective_backend(backend: Backend, config: FFConfig) -> Backend:
+    """``backend``, rebuilt to compute ``config.objective`` where it would not by itself.
+
+    A triton backend that would ignore the objective is rebuilt with
+    :func:`ffkern.reference.loss_and_coef`, which its fused GEMMs then call in torch between
+    the forward and the weight-gradient kernels.
+    """
+    if not _ignores_objective(backend, config):
+        return backend
+    from ffkern.backends.triton import TritonBackend
+
+    log.info("triton backend: objective %r computed in torch between the kernels", config.objective)
+    return TritonBackend(
+        device=backend.device,  # type: ignore[attr-defined]
+        precision=backend.precision,  # type: ignore[attr-defined]
+        objective=reference.loss_and_coef,
+    )
+
+
+def _check_objective_backend(backend: Backend, config: FFConfig) -> None:
+    """Refuse a user-built backend that would silently train the wrong objective."""
+    if _ignores_objective(backend, config):
+        raise ValueError(
+            f"objective {config.objective!r} needs TritonBackend(objective="
+            "ffkern.reference.loss_and_coef) (fusion 'gemm'); this triton backend would run "
+            "the logistic loss instead"
+        )
 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
