@@ -11,8 +11,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ffkern.backends import BACKENDS, PRECISIONS
-from ffkern.config import NEGATIVES, TRAINING, FFConfig
+from ffkern.config import MODELS, NEGATIVES, TRAINING, FFConfig
 from ffkern.data import DATASETS
+from ffkern.reference import OBJECTIVES
+from ffkern.variants.augment import AUGMENTS
 
 log = logging.getLogger("ffkern")
 
@@ -58,7 +60,22 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--norm", choices=("rms", "l2"), default=d.norm)
     p.add_argument("--peer-strength", type=float, default=d.peer_strength, help="0: off")
-    p.add_argument("--negatives", choices=NEGATIVES, default=d.negatives)
+    p.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
+    p.add_argument("--symba-alpha", type=float, default=d.symba_alpha, help="α of symba")
+    p.add_argument(
+        "--negatives",
+        choices=NEGATIVES,
+        default=d.negatives,
+        help="hybrid: unsupervised FF (no label input, softmax head on the last 3 layers)",
+    )
+    p.add_argument("--blur-passes", type=int, help="hybrid mask blur passes (default 6)")
+    p.add_argument("--augment", choices=AUGMENTS, default=d.augment)
+    p.add_argument("--max-shift", type=int, help="jitter: largest shift in pixels (default 2)")
+    p.add_argument("--model", choices=MODELS, default=d.model, help="recurrent: top-down FF")
+    p.add_argument("--iterations", type=int, help="recurrent: iterations per run (default 8)")
+    p.add_argument("--damping", type=float, help="recurrent: weight of the old state (0.3)")
+    p.add_argument("--score-from", type=int, help="recurrent: first scored iteration (3)")
+    p.add_argument("--score-to", type=int, help="recurrent: last scored iteration (5)")
     p.add_argument("--training", choices=TRAINING, default=d.training)
     p.add_argument("--no-softmax-head", action="store_true", help="goodness predictor only")
     p.add_argument("--label-scale", type=float, default=d.label_scale)
@@ -66,8 +83,24 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-eval-samples", type=int, default=d.train_eval_samples)
 
 
+# Variant flags that fill FFConfig.extra when given: flag attribute -> extra key.
+_EXTRA_FLAGS = {
+    "blur_passes": "hybrid.blur_passes",
+    "max_shift": "jitter.max_shift",
+    "iterations": "recurrent.iterations",
+    "damping": "recurrent.damping",
+    "score_from": "recurrent.score_first",
+    "score_to": "recurrent.score_last",
+}
+
+
 def config_from_args(args: argparse.Namespace) -> FFConfig:
     """Build the FFConfig that the flags describe (validated)."""
+    extra = {
+        key: getattr(args, flag)
+        for flag, key in _EXTRA_FLAGS.items()
+        if getattr(args, flag, None) is not None
+    }
     return FFConfig(
         layers=args.layers,
         epochs=args.epochs,
@@ -83,7 +116,12 @@ def config_from_args(args: argparse.Namespace) -> FFConfig:
         temperature=args.temperature,
         norm=args.norm,
         peer_strength=args.peer_strength,
+        objective=args.objective,
+        symba_alpha=args.symba_alpha,
         negatives=args.negatives,
+        augment=args.augment,
+        model=args.model,
+        extra=extra,
         training=args.training,
         softmax_head=not args.no_softmax_head,
         label_scale=args.label_scale,
