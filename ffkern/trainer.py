@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ffkern import optim, reference
+from ffkern import optim
 from ffkern.backends import Backend, get_backend
 from ffkern.checkpoint import MetricsLog, load_checkpoint, save_checkpoint
 from ffkern.config import FFConfig
@@ -67,11 +67,11 @@ class Trainer:
         self.config = config
         self.device = resolve_device(device)
         self.dataset = dataset.to(self.device)
-        if isinstance(backend, Backend):
-            _check_objective_backend(backend, config)
-            self.backend = backend
-        else:
-            self.backend = _objective_backend(get_backend(backend, self.device, precision), config)
+        self.backend = (
+            backend
+            if isinstance(backend, Backend)
+            else get_backend(backend, self.device, precision)
+        )
         self.metrics_path = Path(metrics_path) if metrics_path is not None else None
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.progress = progress
@@ -235,49 +235,6 @@ class Trainer:
             out["train_acc_softmax"] = accuracy(net.predict(xs, "softmax"), ys)
             out["test_acc_softmax"] = accuracy(net.predict(ds.x_test, "softmax"), ds.y_test)
         return out
-
-
-def _ignores_objective(backend: Backend, config: FFConfig) -> bool:
-    """True for a triton backend that would run the logistic loss whatever the objective.
-
-    The triton backend computes the built-in logistic loss in its row-statistics kernel unless
-    it is constructed with an ``objective`` callable; it does not read
-    ``LayerObjective.objective`` itself (as of this writing).
-    """
-    return (
-        config.objective != "logistic"
-        and backend.name == "triton"
-        and getattr(backend, "objective", None) is None
-    )
-
-
-def _objective_backend(backend: Backend, config: FFConfig) -> Backend:
-    """``backend``, rebuilt to compute ``config.objective`` where it would not by itself.
-
-    A triton backend that would ignore the objective is rebuilt with
-    :func:`ffkern.reference.loss_and_coef`, which its fused GEMMs then call in torch between
-    the forward and the weight-gradient kernels.
-    """
-    if not _ignores_objective(backend, config):
-        return backend
-    from ffkern.backends.triton import TritonBackend
-
-    log.info("triton backend: objective %r computed in torch between the kernels", config.objective)
-    return TritonBackend(
-        device=backend.device,  # type: ignore[attr-defined]
-        precision=backend.precision,  # type: ignore[attr-defined]
-        objective=reference.loss_and_coef,
-    )
-
-
-def _check_objective_backend(backend: Backend, config: FFConfig) -> None:
-    """Refuse a user-built backend that would silently train the wrong objective."""
-    if _ignores_objective(backend, config):
-        raise ValueError(
-            f"objective {config.objective!r} needs TritonBackend(objective="
-            "ffkern.reference.loss_and_coef) (fusion 'gemm'); this triton backend would run "
-            "the logistic loss instead"
-        )
 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
