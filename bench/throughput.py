@@ -37,8 +37,10 @@ With ``d_0 = K`` and ``d_1 .. d_L`` the layer widths, multiply-adds counted as t
 
 The *floor* of a row is the time its FLOPs would take at the machine's matrix-product rate,
 measured in the same run: the median rate of a large square matmul (2048² on CPU, 8192² on
-GPU) at the precision the row uses. ``floor`` in the table is ``(FLOPs / t) / rate``: 1.0 would
-mean the step runs as fast as its matrix products alone could.
+GPU) at the precision the row uses, timed in turns with the rows of each case (so a machine
+whose load drifts during the run still gets a floor from the same minutes as the row).
+``floor`` in the table is ``(FLOPs / t) / rate``: 1.0 would mean the step runs as fast as its
+matrix products alone could.
 
 The GPU layer target times one layer step (2000 → 2000, 4096 + 4096 rows) against the two
 bare cuBLAS products of the same shapes and precision, ``Z = X Wᵀ`` (8192×2000 · 2000×2000)
@@ -145,6 +147,7 @@ class Row:
     floor_fraction: float | None = None  # achieved rate / measured matmul rate
     speedup_vs_autograd: float | None = None  # samples/s over the autograd baseline's
     speedup_vs_reference: float | None = None  # samples/s over ffkern reference's
+    floor_tflops: float | None = None  # the matmul rate timed in turns with this row
     peak_mib: float | None = None  # memory growth during the row, MiB
     reps: int = 0  # timed repetitions behind the median
     times_ms: list[float] = field(default_factory=list)  # every timed repetition
@@ -363,16 +366,20 @@ class precision_mode:
         torch.backends.cuda.matmul.allow_tf32 = self._saved
 
 
-def matmul_rate(device: torch.device, precision: str, n: int, budget_s: float) -> float:
-    """Median FLOP/s of an ``n x n`` by ``n x n`` matmul at ``precision`` (the floor)."""
+def matmul_step(device: torch.device, precision: str, n: int) -> tuple[Callable[[], object], int]:
+    """An ``n x n`` by ``n x n`` matmul at ``precision`` (inputs bound) and its FLOPs."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    with precision_mode(precision):
-        times = time_steps(lambda: torch.mm(a, b, out=out), device, 2, budget_s)
-    return 2 * n**3 / statistics.median(times)
+    return at_precision(lambda: torch.mm(a, b, out=out), precision), 2 * n**3
+
+
+def matmul_rate(device: torch.device, precision: str, n: int, budget_s: float) -> float:
+    """Median FLOP/s of an ``n x n`` by ``n x n`` matmul at ``precision`` (the floor)."""
+    step, flops = matmul_step(device, precision, n)
+    return flops / statistics.median(time_steps(step, device, 2, budget_s))
 
 
 def is_oom(err: BaseException) -> bool:
@@ -477,12 +484,15 @@ def measure_case(
     device: torch.device,
     budget_s: float,
     warmup: int,
+    floor_n: int,
 ) -> list[Row]:
     """Time every ``(impl, precision)`` of ``runs`` on ``case``, interleaved; one row each.
 
     Each implementation is built and warmed up inside its own :class:`MemoryMeter`, which is
-    where its peak memory comes from; all of them are then timed in turns. A failure (out of
-    memory, or an implementation that raises) becomes a row with that status, not an error.
+    where its peak memory comes from; all of them are then timed in turns, together with the
+    floor's ``floor_n``-square matmul at each precision in use, so that every row's floor is
+    measured in the same minutes as the row itself (on a shared machine the load drifts). A
+    failure (out of memory, or an implementation that raises) becomes a row with that status.
     """
     rows: list[Row] = []
     steps: list[tuple[Row, Callable[[], object]]] = []
@@ -504,13 +514,22 @@ def measure_case(
             steps.append((row, step))
         except Exception as err:  # noqa: BLE001 - every failure is reported as a row
             fail(row, err, device)
+    precs = sorted({row.precision for row, _ in steps})
+    probes = [matmul_step(device, prec, floor_n) for prec in precs]
     try:
-        times = time_interleaved([s for _, s in steps], device, 0, budget_s)
+        times = time_interleaved(
+            [s for _, s in steps] + [p for p, _ in probes], device, 0, budget_s
+        )
     except Exception as err:  # noqa: BLE001 - e.g. out of memory with every model alive
         for row, _ in steps:
             fail(row, err, device)
         return rows
-    for (row, _), ts in zip(steps, times, strict=True):
+    rates = {
+        prec: flops / statistics.median(ts)
+        for prec, (_, flops), ts in zip(precs, probes, times[len(steps) :], strict=True)
+    }
+    for (row, _), ts in zip(steps, times, strict=False):
+        row.floor_tflops = rates[row.precision] / 1e12
         t = statistics.median(ts)
         row.reps = len(ts)
         row.times_ms = [1e3 * x for x in ts]
@@ -560,7 +579,7 @@ def layer_target(
     device: torch.device,
     precisions: Sequence[str],
     budget_s: float,
-    floors: dict[str, float],
+    floor_n: int,
     with_triton: bool,
 ) -> list[LayerRow]:
     """Time one layer step of every available backend against two bare matmuls, per precision.
@@ -622,12 +641,14 @@ def layer_target(
             except Exception as err:  # noqa: BLE001 - reported as a row
                 fail(lrow, err, device)
         timed = [lrows[0], *(r for r in lrows[1:] if r.status == "ok")]
-        times = time_interleaved(steps, device, 3, budget_s)
+        probe, probe_flops = matmul_step(device, prec, floor_n)
+        times = time_interleaved([*steps, probe], device, 3, budget_s)
+        rate = probe_flops / statistics.median(times.pop())  # the floor, timed in turns
         pair_t = statistics.median(times[0])
         for lrow, ts in zip(timed, times, strict=True):
             t = statistics.median(ts)
             lrow.ms, lrow.tflops = 1e3 * t, flops / t / 1e12
-            lrow.floor_fraction = flops / t / floors[prec]
+            lrow.floor_fraction = flops / t / rate
             lrow.ratio_vs_matmuls = t / pair_t
         out += lrows
         del x, w, xl, wl, dz, z, dw, steps
@@ -710,7 +731,8 @@ def fill_ratios(rows: list[Row], floors: dict[str, float]) -> None:
     for row in rows:
         if row.status != "ok":
             continue
-        row.floor_fraction = row.flops_per_step / (row.ms_per_step / 1e3) / floors[row.precision]
+        rate = 1e12 * row.floor_tflops if row.floor_tflops else floors[row.precision]
+        row.floor_fraction = row.flops_per_step / (row.ms_per_step / 1e3) / rate
         peers = by_case[(tuple(row.layers), row.batch, row.group)]
         for attr, other in (
             ("speedup_vs_autograd", "autograd"),
@@ -1081,6 +1103,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="fp32",
         help="precision of the triton rows (torch rows stay fp32 unless tf32)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); the floor is measured with the same",
+    )
     p.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
     p.add_argument("--json", metavar="PATH", help="write rows, machine and versions as JSON")
     p.add_argument("--plot", metavar="PATH", help="samples/s vs batch size (needs matplotlib)")
@@ -1092,7 +1120,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         metavar="IMPL",
-        help="profile IMPL on the first case of the preset instead of timing",
+        help="profile IMPL on every case of the preset instead of timing",
     )
     p.add_argument(
         "--mnist-recipe-time",
@@ -1128,6 +1156,8 @@ def resolve_device(name: str) -> torch.device:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; print the tables; return what ``--json`` writes."""
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -1141,7 +1171,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         warmup = 1
 
     if args.profile:
-        print(profile_impl(args.profile, preset.cases[0], device, args.precision))
+        for case in preset.cases:
+            print(profile_impl(args.profile, case, device, args.precision) + "\n")
         return {}
 
     impls = list(args.impls)
@@ -1182,7 +1213,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"are pessimistic"
         )
     print(
-        f"floor (median matmul rate, {floor_n}^2): "
+        f"floor at the start (median {floor_n}^2 matmul; every case re-times it in turns): "
         + ", ".join(f"{p} {r / 1e12:.3f} TFLOP/s" for p, r in sorted(floors.items()))
     )
 
@@ -1210,7 +1241,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     )
                 )
         for row, (impl, prec) in zip(
-            measure_case(case, todo, device, preset.budget_s, warmup), todo, strict=True
+            measure_case(case, todo, device, preset.budget_s, warmup, floor_n), todo, strict=True
         ):
             if row.status == "oom":
                 oom.add((impl, prec, case.net))
@@ -1230,7 +1261,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if preset.layer_target is not None:
         precs = triton_precisions if skip is None else ["fp32"]
         layer_rows = layer_target(
-            *preset.layer_target, device, precs, preset.budget_s, floors, skip is None
+            *preset.layer_target, device, precs, preset.budget_s, floor_n, skip is None
         )
 
     recipe = None
