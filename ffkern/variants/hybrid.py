@@ -21,7 +21,12 @@ tell positives from hybrids only by learning long-range correlations. The mask i
    would leak mask mass out of the frame and bias the border toward 0; on an 8×8 image, six
    passes with zero padding leave almost every mask all-zero, so the "hybrid" would be just the
    other image;
-3. threshold: ``m = 1`` where the blurred value is ``> 0.5`` and ``0`` where it is ``<= 0.5``.
+3. threshold: ``m = 1`` where the blurred value is ``> 0.5`` and ``0`` where it is ``<= 0.5``;
+4. a mask that came out all ones or all zeros would make the "hybrid" a real image (``a`` or
+   ``b`` itself) labelled negative. Such a mask is replaced by a random split of the frame:
+   ``m[r, k] = 1`` for the columns ``k < κ``, with ``κ`` uniform in ``1 .. W-1`` (rows instead
+   when ``W = 1``). On 28×28 images this never happened in 5000 draws; on 8×8 (the digits
+   dataset) about 2.7% of masks need it, on 6×5 about 17%.
 
 Because ``f``'s taps are powers of two, each blurred value is a multiple of ``4^(-2P)``; for
 ``P <= 6`` that is ``2^(-24)`` or coarser, which float32 represents exactly in [0, 1], so the
@@ -76,9 +81,20 @@ def make_masks(
     generator: torch.Generator,
     device: torch.device | str,
 ) -> torch.Tensor:
-    """``batch`` masks (B, H, W) of 0.0 and 1.0: random bits, blurred, thresholded at 0.5."""
+    """``batch`` masks (B, H, W) of 0.0 and 1.0, each with both values (steps 1-4 above)."""
+    if height * width < 2:
+        raise ValueError(f"a hybrid needs at least two pixels, got images of {height}x{width}")
     bits = torch.randint(0, 2, (batch, height, width), generator=generator, device=device)
-    return (blur_masks(bits.float(), passes) > 0.5).float()
+    masks = blur_masks(bits.float(), passes) > 0.5
+    # Step 4, for every mask at once: a split at a random column (row) where it is constant.
+    along = width if width > 1 else height
+    cut = torch.randint(1, along, (batch, 1, 1), generator=generator, device=device)
+    index = torch.arange(along, device=device)
+    index = index[None, None, :] if width > 1 else index[None, :, None]
+    split = (index < cut).expand(batch, height, width)
+    ones = masks.flatten(1).sum(1)
+    constant = ((ones == 0) | (ones == height * width))[:, None, None]
+    return torch.where(constant, split, masks).float()
 
 
 def cyclic_partners(batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
