@@ -78,13 +78,22 @@ class GemmConfig:
 # (1, 7, 33, 130, 1000, 2049) partial tiles at the edges.
 _INTERPRETER = GemmConfig(64, 64, 32, 4, 4, 1)
 
-# GPU (Hopper): tensor-core precisions use 128 x 128 tiles with a 64-deep K step, 8 warps
-# (two warpgroups) and 3 pipeline stages; 3 x (128 x 64) x 2 operands x 2 bytes = 96 KiB of
-# shared memory for bf16, 192 KiB for tf32 (too much with the epilogue), hence 32-deep there.
-_GPU = {
+# GPU (Hopper), checked by compiling for sm_90 offline (shared memory, registers, spills; see
+# kernels/NOTES.md); never timed, for want of a GPU. Tensor-core precisions use 128 x 128 tiles
+# and 8 warps (two warpgroups issuing wgmma). Forward: a 64-deep K step in bf16 and 32 in tf32
+# (3 stages x (128 x K-step) x 2 operands = 96 KiB of shared memory either way). Weight
+# gradient: its left operand r ⊙ dz is built in registers from h, which leaves fewer registers
+# for the pipeline, so its reduction step is 32 rows (64 spilled in bf16). Exact fp32 runs on
+# the FMA units and gains nothing from larger tiles but register pressure: 64 x 64.
+_GPU_FORWARD = {
     "fp32": GemmConfig(64, 64, 32, 8, 4, 3),
     "tf32": GemmConfig(128, 128, 32, 8, 8, 3),
     "bf16": GemmConfig(128, 128, 64, 8, 8, 3),
+}
+_GPU_WGRAD = {
+    "fp32": GemmConfig(64, 64, 32, 8, 4, 3),
+    "tf32": GemmConfig(128, 128, 32, 8, 8, 3),
+    "bf16": GemmConfig(128, 128, 32, 8, 8, 4),
 }
 
 # The row kernels: columns handled per loop step, and rows per launch of the row statistics.
@@ -92,9 +101,11 @@ ROW_BLOCK_INTERPRETER = 1024
 ROW_BLOCK_GPU = 1024
 
 
-def gemm_config(precision: str, interpreted: bool) -> GemmConfig:
-    """The block sizes of the GEMM kernels for ``precision``."""
-    return _INTERPRETER if interpreted else _GPU[precision]
+def gemm_config(precision: str, interpreted: bool, kernel: str = "forward") -> GemmConfig:
+    """The block sizes of GEMM ``kernel`` ("forward" or "wgrad") for ``precision``."""
+    if interpreted:
+        return _INTERPRETER
+    return (_GPU_FORWARD if kernel == "forward" else _GPU_WGRAD)[precision]
 
 
 def row_block(interpreted: bool) -> int:

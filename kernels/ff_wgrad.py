@@ -63,6 +63,40 @@ def _adam_step(p, grad, m, v, weight_decay, beta1, beta2, step_size, sqrt_bias2,
 
 
 @triton.jit
+def _update(
+    p_ptr,
+    s1_ptr,
+    s2_ptr,
+    offsets,
+    mask,
+    grad,
+    lr,
+    weight_decay,
+    momentum,
+    beta1,
+    beta2,
+    step_size,
+    sqrt_bias2,
+    eps,
+    UPDATE: tl.constexpr,
+):
+    # Load a parameter block and its state, apply one SGD or Adam step with gradient grad,
+    # store them back.
+    p = tl.load(p_ptr + offsets, mask=mask, other=0.0)
+    s1 = tl.load(s1_ptr + offsets, mask=mask, other=0.0)
+    if UPDATE == 1:
+        p, s1 = _sgd_step(p, grad, s1, lr, weight_decay, momentum)
+    else:
+        s2 = tl.load(s2_ptr + offsets, mask=mask, other=0.0)
+        p, s1, s2 = _adam_step(
+            p, grad, s1, s2, weight_decay, beta1, beta2, step_size, sqrt_bias2, eps
+        )
+        tl.store(s2_ptr + offsets, s2, mask=mask)
+    tl.store(p_ptr + offsets, p, mask=mask)
+    tl.store(s1_ptr + offsets, s1, mask=mask)
+
+
+@triton.jit
 def ff_wgrad_kernel(
     h_ptr,  # (N, D) activities h, operand dtype
     x_ptr,  # (N, K) layer input rows, unnormalized; float32 or bfloat16
@@ -137,8 +171,9 @@ def ff_wgrad_kernel(
         if PEER:
             on = (rows[None, :] < n_pos) & (h_t > 0.0)
             dz_t += tl.where(on, peer[:, None], 0.0)
-        if pid_n == 0:
-            db += tl.sum(dz_t, axis=1)
+        # Every program accumulates db, though only column tile 0 uses it: a branch on pid_n
+        # inside the loop made ptxas spill in the main loop (sm_90), the sum costs far less.
+        db += tl.sum(dz_t, axis=1)
         x = tl.load(
             x_ptr + rows[:, None] * stride_xn + offs_k[None, :] * stride_xk,
             mask=mask_i[:, None] & mask_k[None, :],
@@ -147,38 +182,30 @@ def ff_wgrad_kernel(
         dzr_t = (dz_t * r[None, :]).to(operand)
         acc = tl.dot(dzr_t, x.to(operand), acc, input_precision=DOT_PRECISION)
     # ---- epilogue: the optimizer step on this tile (or store dW, db) ------------------------
-    tile = offs_d[:, None] * stride_wd + offs_k[None, :] * stride_wk
-    mask = mask_d[:, None] & mask_k[None, :]
     if UPDATE == 0:
-        tl.store(w_s1_ptr + tile, acc, mask=mask)
+        tile = offs_d[:, None] * stride_wd + offs_k[None, :] * stride_wk
+        tl.store(w_s1_ptr + tile, acc, mask=mask_d[:, None] & mask_k[None, :])
         if pid_n == 0:
             tl.store(b_s1_ptr + offs_d, db, mask=mask_d)
     else:
-        w = tl.load(w_ptr + tile, mask=mask, other=0.0)
-        s1 = tl.load(w_s1_ptr + tile, mask=mask, other=0.0)
-        if UPDATE == 1:
-            w, s1 = _sgd_step(w, acc, s1, lr, weight_decay, momentum)
-        else:
-            s2 = tl.load(w_s2_ptr + tile, mask=mask, other=0.0)
-            w, s1, s2 = _adam_step(
-                w, acc, s1, s2, weight_decay, beta1, beta2, step_size, sqrt_bias2, eps
-            )
-            tl.store(w_s2_ptr + tile, s2, mask=mask)
-        tl.store(w_ptr + tile, w, mask=mask)
-        tl.store(w_s1_ptr + tile, s1, mask=mask)
+        # The update holds dW, W and up to two state tiles at once; for a whole 128 x 128 tile
+        # that overflows the register file (ptxas spilled ~2.4 KB per thread for sm_90), so
+        # the tile is updated in two column halves, one after the other (~0.4 KB spilled).
+        halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        for half in tl.static_range(2):
+            cols = pid_n * BLOCK_N + half * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            _update(
+                w_ptr, w_s1_ptr, w_s2_ptr,
+                offs_d[:, None] * stride_wd + cols[None, :] * stride_wk,
+                mask_d[:, None] & (cols[None, :] < K),
+                halves[half],
+                lr, weight_decay, momentum, beta1, beta2, step_size, sqrt_bias2, eps, UPDATE,
+            )  # fmt: skip
         if pid_n == 0:
-            b = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0)
-            bs1 = tl.load(b_s1_ptr + offs_d, mask=mask_d, other=0.0)
-            if UPDATE == 1:
-                b, bs1 = _sgd_step(b, db, bs1, lr, weight_decay, momentum)
-            else:
-                bs2 = tl.load(b_s2_ptr + offs_d, mask=mask_d, other=0.0)
-                b, bs1, bs2 = _adam_step(
-                    b, db, bs1, bs2, weight_decay, beta1, beta2, step_size, sqrt_bias2, eps
-                )
-                tl.store(b_s2_ptr + offs_d, bs2, mask=mask_d)
-            tl.store(b_ptr + offs_d, b, mask=mask_d)
-            tl.store(b_s1_ptr + offs_d, bs1, mask=mask_d)
+            _update(
+                b_ptr, b_s1_ptr, b_s2_ptr, offs_d, mask_d, db,
+                lr, weight_decay, momentum, beta1, beta2, step_size, sqrt_bias2, eps, UPDATE,
+            )  # fmt: skip
 
 
 def _launch(
@@ -198,7 +225,7 @@ def _launch(
 ) -> None:
     n, k = x.shape
     d = h.shape[1]
-    cfg = gemm_config(precision, is_interpreted(ff_wgrad_kernel))
+    cfg = gemm_config(precision, is_interpreted(ff_wgrad_kernel), "wgrad")
     # dW is (D, K): its tile rows run over units, its columns over inputs, its depth over rows.
     tiles = triton.cdiv(d, cfg.block_m) * triton.cdiv(k, cfg.block_n)
     LAUNCH_COUNTS["ff_wgrad_kernel"] += 1
