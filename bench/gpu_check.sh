@@ -134,7 +134,7 @@ stage gpu-target "${T_TARGET:-150}" "$PY" "$REPO/bench/throughput.py" --config g
     --json "$RESULTS/gpu-target.json"
 
 stage recipe "${T_RECIPE:-90}" "$PY" "$REPO/bench/throughput.py" --mnist-recipe-time \
-    --precision "${RECIPE_PRECISION:-bf16}" --json "$RESULTS/recipe.json"
+    --precision "${RECIPE_PRECISION:-bf16}" --recipe-budget-s 60 --json "$RESULTS/recipe.json"
 
 stage sweep "${T_SWEEP:-120}" "$PY" "$REPO/bench/throughput.py" --quick \
     --precision "${SWEEP_PRECISION:-tf32}" --json "$RESULTS/sweep.json" \
