@@ -25,7 +25,7 @@ from ffkern import optim
 from ffkern.backends import Backend, get_backend
 from ffkern.checkpoint import MetricsLog, load_checkpoint, save_checkpoint
 from ffkern.config import FFConfig
-from ffkern.data import Dataset
+from ffkern.data import Dataset, validate_arrays
 from ffkern.model import FFNetwork, build_network
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,11 @@ class Trainer:
     ) -> None:
         self.config = config
         self.device = resolve_device(device)
+        for split, x, y in (
+            ("train", dataset.x_train, dataset.y_train),
+            ("test", dataset.x_test, dataset.y_test),
+        ):
+            validate_arrays(x, y, dataset.num_classes, f"{dataset.name} {split}")
         self.dataset = dataset.to(self.device)
         self.backend = (
             backend
