@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ffkern import FFConfig, FFNetwork, Trainer, load_dataset, reference
+from ffkern import FFConfig, FFNetwork, Trainer, get_backend, load_dataset, reference
 from ffkern.cli import main
 from ffkern.data import write_idx
 from ffkern.reference import LayerObjective
@@ -242,7 +242,7 @@ def test_hybrids_mix_two_different_images_under_one_mask(shape):
         assert (mask == mask[:1]).all()
 
 
-def test_hybrids_of_real_images_contain_both(tmp_path):
+def test_hybrids_of_real_images_contain_both():
     ds = load_dataset("digits")
     gen = torch.Generator().manual_seed(0)
     x = ds.x_train[:200]
@@ -400,6 +400,48 @@ def test_resume_is_bitwise_for_hybrid_with_jitter(tmp_path):
     for a, b in zip(whole.layers, resumed.layers, strict=True):
         assert torch.equal(a.weight, b.weight)
     assert torch.equal(whole.head_weight, resumed.head_weight)
+
+
+# ------------------------------------------------------------------------------------------------
+# The triton backend (Triton's interpreter on the CPU) against the reference, network level
+# ------------------------------------------------------------------------------------------------
+
+
+def triton_backend_or_skip():
+    try:
+        return get_backend("triton", "cpu")
+    except (ImportError, ValueError) as exc:  # no triton, or the interpreter is off
+        pytest.skip(f"the triton backend cannot run here: {exc}")
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"objective": "symba"},
+        {"objective": "reversed", "goodness": "mean"},
+        {"objective": "reversed", "negatives": "hybrid", "augment": "jitter"},
+    ],
+    ids=["symba", "reversed-mean", "reversed-hybrid-jitter"],
+)
+def test_triton_matches_reference_for_the_variants(changes):
+    backend = triton_backend_or_skip()
+    cfg = FFConfig(layers=(16, 12), optimizer="adam", lr=0.01, **changes)
+    nets = [
+        FFNetwork(cfg, 64, 10, backend=b, image_shape=(1, 8, 8))
+        for b in (get_backend("reference", "cpu"), backend)
+    ]
+    ds = load_dataset("digits")
+    for step in range(2):
+        x, y = ds.x_train[20 * step : 20 * step + 20], ds.y_train[20 * step : 20 * step + 20]
+        ref_loss, tri_loss = (net.train_step(x, y, 0.01) for net in nets)
+        torch.testing.assert_close(tri_loss, ref_loss, atol=2e-5, rtol=1e-4)
+    for a, b in zip(nets[0].layers, nets[1].layers, strict=True):
+        # float32 on both sides, differing only in summation order (see test_triton_backend).
+        torch.testing.assert_close(b.weight, a.weight, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(b.bias, a.bias, atol=2e-5, rtol=1e-4)
+    x = ds.x_test[:30]
+    torch.testing.assert_close(nets[1].features(x), nets[0].features(x), atol=2e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------
