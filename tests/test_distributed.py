@@ -33,7 +33,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ffkern import FFConfig, Trainer, load_dataset
+from ffkern import FFConfig, FFNetwork, Trainer, load_dataset
 from ffkern import distributed as fd
 from ffkern.checkpoint import load_checkpoint, read_metrics
 
@@ -67,8 +67,28 @@ def _worker(rank: int, runs: list[tuple[int, list[str]]]) -> None:
 
     for port, argv in runs:
         os.environ["MASTER_PORT"] = str(port)
-        if main(argv) != 0:
+        if argv[0] == "odd-batches":
+            _odd_batches(Path(argv[1]))
+        elif main(argv) != 0:
             raise RuntimeError(f"rank {rank}: {argv} returned non-zero")
+
+
+ODD_BATCH, ODD_STEPS = 7, 12  # shards of 3 and 4 rows: the weighted average is needed
+
+
+def _odd_batches(out: Path) -> None:
+    """Data-parallel steps on minibatches that split unevenly; rank 0 saves the network."""
+    import torch.distributed as dist
+
+    ctx = fd.init_distributed("cpu")
+    ds = load_dataset("digits")
+    net = FFNetwork(DP_CONFIG, ds.num_features, ds.num_classes)
+    for s in range(ODD_STEPS):
+        rows = slice(s * ODD_BATCH, (s + 1) * ODD_BATCH)
+        fd.data_parallel_step(net, ds.x_train[rows], ds.y_train[rows], DP_CONFIG.lr, ctx)
+    if ctx.is_main:
+        torch.save(net.state_dict(), out)
+    dist.destroy_process_group()
 
 
 def _single(config: FFConfig, stop_after: int | None = None, **kwargs: Any) -> Trainer:
@@ -119,6 +139,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                                "--metrics", str(d / "pipe.jsonl")],
     ]  # fmt: skip
     scenarios = [["train", *s] if s[0] != "train" else s for s in scenarios]
+    scenarios.append(["odd-batches", str(d / "odd.pt")])
     job = [(_free_port(), argv) for argv in scenarios]
     t0 = time.monotonic()
     ctx = mp.start_processes(_worker, args=(job,), nprocs=2, join=False, start_method="spawn")
@@ -142,6 +163,16 @@ def test_data_parallel_equals_one_process_on_the_whole_minibatch(runs: dict[str,
         assert r["loss"] == pytest.approx(w["loss"], rel=1e-5)
         assert r["test_acc"] == pytest.approx(w["test_acc"], abs=1e-6)
         assert r["test_acc_softmax"] == pytest.approx(w["test_acc_softmax"], abs=1e-6)
+
+
+def test_data_parallel_is_exact_on_shards_of_unequal_size(runs: dict[str, Any]) -> None:
+    ds = load_dataset("digits")
+    net = FFNetwork(DP_CONFIG, ds.num_features, ds.num_classes)
+    for s in range(ODD_STEPS):
+        rows = slice(s * ODD_BATCH, (s + 1) * ODD_BATCH)
+        net.train_step(ds.x_train[rows], ds.y_train[rows], DP_CONFIG.lr)
+    got = torch.load(runs["dir"] / "odd.pt", weights_only=True)
+    _assert_same_network(got, net.state_dict(), DP_RTOL)
 
 
 def test_checkpoint_of_two_ranks_resumes_in_one_process(runs: dict[str, Any]) -> None:
@@ -219,9 +250,9 @@ FAULTY_LAUNCH = textwrap.dedent(
 )
 
 
-def _torchrun(args: list[str], env: dict[str, str]) -> tuple[int, str, float]:
+def _torchrun(args: list[str], env: dict[str, str], ranks: int = 2) -> tuple[int, str, float]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", *args]  # fmt: skip
+           str(ranks), *args]  # fmt: skip
     t0 = time.monotonic()
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=JOB_DEADLINE_S, env={**os.environ, **env}
@@ -242,6 +273,23 @@ def test_a_failing_or_hung_rank_ends_the_job(tmp_path: Path, fault: str, expecte
     assert rc != 0, out
     assert expected in out, out
     assert seconds < FAIL_BOUND_S, f"the job took {seconds:.0f} s to end"
+
+
+def test_three_stage_pipeline_under_torchrun(tmp_path: Path) -> None:
+    """``torchrun -m ffkern``: a middle stage that both receives and sends; rank 0 writes."""
+    ck, metrics = tmp_path / "pipe3.pt", tmp_path / "pipe3.jsonl"
+    argv = ["-m", "ffkern", "train", *COMMON, "--layers", "32,24,16", *PIPE_FLAGS,
+            "--parallel", "pipeline", "--checkpoint", str(ck),
+            "--metrics", str(metrics)]  # fmt: skip
+    rc, out, _ = _torchrun(argv, {"OMP_NUM_THREADS": "1"}, ranks=3)
+    assert rc == 0, out
+    assert out.count("epoch   2/2") == 1, "only rank 0 logs at INFO"
+    sim = fd.simulate_pipeline(PIPE_CONFIG.replace(layers=(32, 24, 16)), load_dataset("digits"))
+    _assert_same_network(load_checkpoint(ck)["network"], sim.network.state_dict(), PIPE_RTOL)
+    records = read_metrics(metrics)
+    assert len(records) == len(sim.layer_losses) == 2
+    for r, losses in zip(records, sim.layer_losses, strict=True):
+        assert r["layer_losses"] == pytest.approx(losses, rel=1e-6)
 
 
 def test_usage_error_under_torchrun_names_the_fix() -> None:
