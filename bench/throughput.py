@@ -430,7 +430,9 @@ def make_backend(impl: str, device: torch.device, precision: str) -> Any:
         from ffkern.backends.triton import TritonBackend
 
         return TritonBackend(device=device, precision=precision, fusion="row")
-    return get_backend(impl, device, precision)
+    # The reference computes in float32 only; at "tf32" its torch matmuls are switched to
+    # TF32 around the step instead (see precision_mode), as for the other torch rows.
+    return get_backend(impl, device, precision if impl.startswith("triton") else "fp32")
 
 
 def bench_inputs(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1208,6 +1210,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.cuda.set_device(device)
     elif args.allow_interpreter:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+    if device.type == "cpu" and args.precision != "fp32":
+        print(f"--precision {args.precision}: the CPU has no TF32 or bf16 matmul path; fp32")
+        args.precision = "fp32"
     preset = make_preset(args.config, device, args.quick)
     if args.mnist_recipe_time:
         preset = Preset((), None, 0.0)  # the recipe alone
