@@ -15,6 +15,17 @@ from ffkern.model import build_network
 from ffkern.reference import LayerObjective
 from ffkern.variants.recurrent import RecurrentFFNetwork, recurrent_layer_step
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests run many tiny matrix products, which torch's thread pool only slows down
+    (100x on a busy 2-core machine); the previous setting is restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 GRAD_RTOL = 1e-10
 
 

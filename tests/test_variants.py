@@ -20,6 +20,17 @@ from ffkern.data import write_idx
 from ffkern.reference import LayerObjective
 from ffkern.variants import augment, hybrid
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests run many tiny matrix products, which torch's thread pool only slows down
+    (100x on a busy 2-core machine); the previous setting is restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 SHAPES = [(2, 5, 3), (14, 33, 17), (130, 10, 64)]  # (N rows, K in, D out); N even for symba
 GRAD_RTOL = 1e-10
 
