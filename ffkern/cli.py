@@ -20,7 +20,7 @@ log = logging.getLogger("ffkern")
 
 # Modules that add sub-commands: each has ``add_cli(subparsers)``, which adds its parser and
 # sets ``func`` (a callable taking the parsed arguments and returning an exit code).
-EXTRA_COMMAND_MODULES: tuple[str, ...] = ()
+EXTRA_COMMAND_MODULES: tuple[str, ...] = ("ffkern.probes",)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
