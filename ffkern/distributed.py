@@ -1,10 +1,11 @@
 r"""Scale-out training with ``torch.distributed``: data parallelism and a layer pipeline.
 
 Both modes run under ``torchrun`` (``torchrun --nproc-per-node N -m ffkern train ...
---parallel data|pipeline``), which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the
-rendezvous address. CUDA devices talk through NCCL (rank ``r`` on ``cuda:LOCAL_RANK``), the CPU
-through gloo. Checkpoints have the single-process format and are written by rank 0 alone,
-atomically (:mod:`ffkern.checkpoint`); so are metrics. Other ranks log at WARNING only.
+--parallel data|pipeline``, or ``torchrun --no-python ... ffkern train ...``), which sets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address. CUDA devices talk through
+NCCL (rank ``r`` on ``cuda:LOCAL_RANK``), the CPU through gloo. Checkpoints have the
+single-process format and are written by rank 0 alone, atomically (:mod:`ffkern.checkpoint`);
+so are metrics. Other ranks log at WARNING only.
 
 Data parallelism (``--parallel data``)
 --------------------------------------
@@ -43,8 +44,9 @@ Fused backend. The ``triton`` backend normally folds the optimizer update into t
 weight-gradient GEMM's epilogue, so ``dW`` never reaches memory. An all-reduce needs ``dW``
 itself, so with ``reduce`` set that backend materializes ``dW`` and ``db``, the hook averages
 them and the update runs unfused (:mod:`ffkern.backends.triton` states the extra traffic);
-the forward GEMM and the row statistics stay fused. Each layer issues three all-reduces per
-step (peer mean, ``dW``, ``db``), unbucketed: the hook reduces one tensor at a time.
+the forward GEMM and the row statistics stay fused. Each trained layer issues up to three
+all-reduces per step (peer mean, ``dW``, ``db``), the head two more, unbucketed: the hook
+reduces one tensor at a time, which costs latency on small layers.
 
 Layer pipeline (``--parallel pipeline``)
 ----------------------------------------
