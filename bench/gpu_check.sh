@@ -113,7 +113,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run COMMAND from the shim, log to $R
     if [[ $rc != 0 && $STATUS == 0 ]]; then STATUS=$rc; fi
 }
 
-stage env 30 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv; $PY -c 'import torch, triton, sys; print(sys.version); print(torch.__version__, torch.version.cuda, triton.__version__)'"
+stage env 20 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv; $PY -c 'import torch, triton, sys; print(sys.version); print(torch.__version__, torch.version.cuda, triton.__version__)'"
 
 if (cd "$SHIM" && "$PY" -c 'import pytest' 2>/dev/null); then
     tests=()
@@ -121,7 +121,7 @@ if (cd "$SHIM" && "$PY" -c 'import pytest' 2>/dev/null); then
         [[ -f $REPO/$t ]] && tests+=("$REPO/$t")
     done
     if ((${#tests[@]})); then
-        stage tests "${T_TESTS:-150}" "$PY" -m pytest -c "$REPO/pyproject.toml" \
+        stage tests "${T_TESTS:-120}" "$PY" -m pytest -c "$REPO/pyproject.toml" \
             --rootdir "$REPO" -p no:cacheprovider -q "${tests[@]}"
     else
         SUMMARY+=("tests          skipped: no tests/test_gpu.py or tests/test_kernels.py")
@@ -130,13 +130,13 @@ else
     SUMMARY+=("tests          skipped: pytest is not installed for $PY")
 fi
 
-stage gpu-target "${T_TARGET:-150}" "$PY" "$REPO/bench/throughput.py" --config gpu-target \
+stage gpu-target "${T_TARGET:-130}" "$PY" "$REPO/bench/throughput.py" --config gpu-target \
     --json "$RESULTS/gpu-target.json"
 
 stage recipe "${T_RECIPE:-90}" "$PY" "$REPO/bench/throughput.py" --mnist-recipe-time \
     --precision "${RECIPE_PRECISION:-bf16}" --recipe-budget-s 60 --json "$RESULTS/recipe.json"
 
-stage sweep "${T_SWEEP:-120}" "$PY" "$REPO/bench/throughput.py" --quick \
+stage sweep "${T_SWEEP:-100}" "$PY" "$REPO/bench/throughput.py" --quick \
     --precision "${SWEEP_PRECISION:-tf32}" --json "$RESULTS/sweep.json" \
     --plot "$RESULTS/sweep.png"
 

@@ -1267,9 +1267,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         + ", ".join(f"{p} {r / 1e12:.3f} TFLOP/s" for p, r in sorted(floors.items()))
     )
 
+    t_start = time.perf_counter()
+    # The layer-step target first: it is the kernel target, and if a time limit stops the run
+    # later, its lines are already printed.
+    layer_rows: list[LayerRow] = []
+    if preset.layer_target is not None:
+        precs = triton_precisions if skip is None else ["fp32"]
+        layer_rows = layer_target(
+            *preset.layer_target, device, precs, preset.budget_s, floor_n, skip is None
+        )
+        print(format_layer_table(layer_rows), flush=True)
+
     rows: list[Row] = []
     oom: set[tuple[str, str, str]] = set()  # (impl, precision, network) out of memory earlier
-    t_start = time.perf_counter()
     for case in preset.cases:
         runs = [
             (impl, prec)
@@ -1306,13 +1316,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 flush=True,
             )
     fill_ratios(rows, floors)
-
-    layer_rows: list[LayerRow] = []
-    if preset.layer_target is not None:
-        precs = triton_precisions if skip is None else ["fp32"]
-        layer_rows = layer_target(
-            *preset.layer_target, device, precs, preset.budget_s, floor_n, skip is None
-        )
 
     recipe = None
     if args.mnist_recipe_time:
