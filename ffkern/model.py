@@ -142,9 +142,16 @@ class FFNetwork:
     def embed(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """``x`` (B, K) with its first C features replaced by the label code (None: neutral).
 
-        An unsupervised network (hybrid negatives) writes no label: ``x`` comes back as is.
+        An unsupervised network (hybrid negatives) writes no label: ``embed(x, None)`` is ``x``
+        itself, and asking it to embed labels is an error (its negatives are hybrids, not
+        wrong labels, so a caller that embeds labels is building the wrong batch).
         """
         if self.config.unsupervised:
+            if labels is not None:
+                raise ValueError(
+                    "an unsupervised network (negatives='hybrid') has no label input; its "
+                    "negatives are hybrids of images (FFNetwork.train_step makes them)"
+                )
             return x
         out = x.clone()
         c, s = self.num_classes, self.config.label_scale
