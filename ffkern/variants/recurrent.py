@@ -198,7 +198,9 @@ class RecurrentFFNetwork(FFNetwork):
             below = self._normalized(h)
         return states
 
-    def _inputs(self, image: torch.Tensor, top: torch.Tensor, states: list[torch.Tensor]):
+    def _inputs(
+        self, image: torch.Tensor, top: torch.Tensor, states: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         """``[y_below | y_above]`` of every layer from the states of the previous step."""
         normed = [self._normalized(s) for s in states]
         ys = [image, *normed, top]
