@@ -49,10 +49,12 @@ and ``dW = dZᵀ X`` (2000×8192 · 8192×2000), timed as one pair.
 Timing and memory
 -----------------
 Warm-up steps (which also compile Triton kernels), then repetitions until a time budget is
-spent (at least ``MIN_REPS``), and the median. On GPU each step is bracketed by
-``torch.cuda.Event`` records and the device is synchronized once after the repetitions; on CPU
-``time.perf_counter`` brackets each step. Peak memory is the growth during a row, which covers
-building the model, its inputs, the warm-up and the repetitions: on GPU
+spent (at least ``MIN_REPS``), and the median. The implementations of one case take turns,
+repetition by repetition, so that drifting load or clocks fall on all of them alike. On GPU
+each step is bracketed by ``torch.cuda.Event`` records and the device is synchronized once
+after the repetitions; on CPU ``time.perf_counter`` brackets each step. Peak memory is the
+growth while an implementation is built (model and inputs) and warmed up; the timed
+repetitions allocate nothing new. On GPU
 ``torch.cuda.max_memory_allocated`` minus the memory allocated before the row (peak statistics
 reset first); on CPU the process's peak resident set (``VmHWM``) minus its resident set before
 the row, after ``malloc_trim`` and after resetting the peak through ``/proc/self/clear_refs``.
@@ -163,7 +165,7 @@ class Preset:
 
 
 def net_name(layers: Sequence[int]) -> str:
-    """``3x1000`` for equal widths, else ``784-500-300`` style without the input."""
+    """``3x1000`` for equal widths, else the widths joined by dashes (``500-300``)."""
     if len(set(layers)) == 1:
         return f"{len(layers)}x{layers[0]}"
     return "-".join(map(str, layers))
@@ -218,6 +220,7 @@ PRESETS = ("sweep", "cpu-target", "gpu-target", "micro")
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a no-op on the CPU, where ops are synchronous)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -383,6 +386,7 @@ def matmul_rate(device: torch.device, precision: str, n: int, budget_s: float) -
 
 
 def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (CUDA's, or the CPU allocator's)."""
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(err, RuntimeError) and (
@@ -784,6 +788,7 @@ def fill_ratios(rows: list[Row], floors: dict[str, float]) -> None:
 
 
 def find(rows: list[Row], impl: str, layers: Sequence[int], batch: int) -> Row | None:
+    """The first successful row of ``impl`` on that network and batch, if any."""
     for row in rows:
         if row.impl == impl and tuple(row.layers) == tuple(layers) and row.batch == batch:
             if row.status == "ok":
@@ -793,6 +798,8 @@ def find(rows: list[Row], impl: str, layers: Sequence[int], batch: int) -> Row |
 
 @dataclass
 class Target:
+    """One PASS/FAIL line."""
+
     name: str
     value: float | None  # measured quantity
     goal: str  # e.g. ">= 2.00"
@@ -1047,7 +1054,7 @@ def _git_commit() -> str:
     return out + ("-dirty" if dirty else "")
 
 
-def plot(rows: list[Row], path: str) -> None:
+def plot(rows: list[Row], path: str, where: str = "") -> None:
     """samples/s against batch size per implementation, for the batch-sweep rows."""
     try:
         import matplotlib
@@ -1076,7 +1083,7 @@ def plot(rows: list[Row], path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("batch size (positive samples per step)")
     ax.set_ylabel("throughput (positive samples / s)")
-    ax.set_title("Forward-Forward training throughput")
+    ax.set_title("Forward-Forward training throughput" + (f"\n{where}" if where else ""))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -1375,7 +1382,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
-        plot(rows, args.plot)
+        info = result["machine"]
+        plot(rows, args.plot, f"{info.get('gpu', info['cpu'])}, torch {info['torch']}")
 
     print()
     scaling = scaling_tables(rows)
