@@ -28,17 +28,20 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:Conversion of an array with ndim:DeprecationWarning"
 )
 
-# (atol, rtol) per quantity class, float32 on the interpreter (tl.dot with "ieee" is exact
-# float32 FMA, so only the order of summation differs from torch):
+# (atol, rtol) per operand dtype and quantity class. Only float32 runs on the interpreter
+# (tl.dot with "ieee" is exact float32 FMA, so only the order of summation differs from torch);
+# the GPU precisions have their own table in test_gpu.py.
 TOLERANCES = {
-    # Sums of at most a few thousand float32 terms of size ~1: each rounding is 2⁻²⁴ ≈ 6e-8
-    # relative, and random-order errors grow like sqrt(terms), so 1e-5 relative bounds them
-    # with two orders of margin; atol covers entries that cancel to near zero.
-    "direct": (1e-5, 1e-5),
-    # Quantities downstream of g (c, ℓ, dz, dW, updated parameters): g = Σ_j h_ij² over up to
-    # 2049 units carries ~1e-6 relative error, which (g - θ)/T turns into an absolute error in
-    # u of up to ~1e-4 (θ ~ D/2, T ~ sqrt(D)); σ and softplus pass it on at most 1:1.
-    "derived": (1e-5, 2e-4),
+    torch.float32: {
+        # Sums of at most a few thousand float32 terms of size ~1: each rounding is 2⁻²⁴ ≈ 6e-8
+        # relative, and random-order errors grow like sqrt(terms), so 1e-5 relative bounds
+        # them with two orders of margin; atol covers entries that cancel to near zero.
+        "direct": (1e-5, 1e-5),
+        # Quantities downstream of g (c, ℓ, dz, dW, updated parameters): g = Σ_j h_ij² over up
+        # to 2049 units carries ~1e-6 relative error, which (g - θ)/T turns into an absolute
+        # error in u of up to ~1e-4 (θ ~ D/2, T ~ sqrt(D)); σ and softplus pass it on 1:1.
+        "derived": (1e-5, 2e-4),
+    },
 }
 
 # (N rows, K inputs, D units): batch sizes 1, 7, 130 and widths 1, 33, 1000, 2049, none a
@@ -57,7 +60,7 @@ VARIANTS = [
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, kind: str, what: str) -> None:
-    atol, rtol = TOLERANCES[kind]
+    atol, rtol = TOLERANCES[actual.dtype][kind]
     torch.testing.assert_close(
         actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}"
     )
