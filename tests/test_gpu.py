@@ -9,6 +9,7 @@ fail on the entries that happen to cancel.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -236,3 +237,51 @@ def test_target_shape_runs(precision):
     torch.cuda.synchronize()
     assert torch.isfinite(out.loss) and torch.isfinite(layer.weight).all()
     assert out.out.x.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def _median_ms(fn, repeats: int = 20) -> float:
+    """Median time of ``fn()`` in milliseconds, measured with CUDA events after a warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_fused_step_time_against_two_cublas_gemms(precision, caplog):
+    """Logs (does not assert) the fused step's time over two bare cuBLAS GEMMs of its shapes.
+
+    The design target is at most 1.25 x (kernels/NOTES.md); a timing assertion would make the
+    suite flaky on shared machines, so the ratio is reported for a person to judge; see it with
+    ``pytest tests/test_gpu.py -k time -o log_cli=true -o log_cli_level=INFO``.
+    """
+    caplog.set_level(logging.INFO)
+    n, d = 8192, 2000
+    operand = torch.bfloat16 if precision == "bf16" else torch.float32
+    layer = build_layers((d, d))[0]
+    backend = TritonBackend("cuda", precision)
+    obj = reference.LayerObjective(peer_strength=0.03)
+    opt = OptimConfig(lr=1e-4)
+    x = torch.rand(n, d, device="cuda").to(operand)
+    inp = backend.normalize(x, obj)
+    a, w, dz = x, layer.weight.to(operand), torch.rand(n, d, device="cuda").to(operand)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        cublas = _median_ms(lambda: (a @ w.t(), dz.t() @ a))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    fused = _median_ms(lambda: backend.step(layer, inp, n // 2, obj, opt, 1e-4))
+    flops = 2 * 2 * n * d * d
+    logging.getLogger(__name__).info(
+        "%s: fused step %.3f ms (%.0f TFLOP/s), two cuBLAS GEMMs %.3f ms, ratio %.2f",
+        precision, fused, flops / fused / 1e9, cublas, fused / cublas,
+    )  # fmt: skip
+    assert fused > 0 and cublas > 0
