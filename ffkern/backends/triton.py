@@ -303,6 +303,12 @@ class TritonBackend(Backend):
             raise ValueError(f"inp.scale must have shape ({n},), got {tuple(inp.scale.shape)}")
         if min(n, d, k) == 0:
             raise ValueError(f"empty layer step: N={n} rows, D={d} units, K={k} inputs")
+        # The kernels index with 32-bit offsets.
+        if max(n * k, n * d, d * k) >= 2**31:
+            raise ValueError(
+                f"tensors of 2**31 elements or more are not supported (32-bit indexing), got "
+                f"N={n} rows, D={d} units, K={k} inputs"
+            )
         if isinstance(n_pos, bool) or not isinstance(n_pos, int) or not 0 <= n_pos <= n:
             raise ValueError(f"n_pos must be an int in [0, {n}], got {n_pos!r}")
         # x may have any strides (both are passed); the kernels index scale with stride 1.
