@@ -282,6 +282,7 @@ def _configure_logging(ctx: DistContext) -> None:
 # -- data parallelism ----------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def data_parallel_step(
     net: FFNetwork,
     x: torch.Tensor,
@@ -658,7 +659,8 @@ def cli_train(args: argparse.Namespace) -> int:
     """
     ctx: DistContext | None = None
     try:
-        ctx = init_distributed(args.device)
+        # A --dist-timeout flag, should the command line grow one, wins over the environment.
+        ctx = init_distributed(args.device, getattr(args, "dist_timeout", None))
         _configure_logging(ctx)
         trainer = _build_trainer(args, ctx)
         result = trainer.fit(stop_after=args.stop_after)
