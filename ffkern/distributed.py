@@ -31,14 +31,14 @@ computes them for its shard (as part of its head update, as in one process) and 
 matrix is all-gathered before sampling. Gathering ``B · C`` numbers is cheaper than every rank
 recomputing the neutral pass of the whole minibatch through all layers, which would cost ``W``
 times the forward work. The gathered rows come from shard-sized matrix products, so they can
-differ from one process's in the last bit; a hard negative only changes where such a
-difference moves a draw across a boundary of its categorical distribution, which has not
-happened in the tests.
+differ from one process's in the last bit. A hard negative changes only where such a
+difference moves a draw across a boundary of its categorical distribution, which is rare
+enough that none did in the tests' runs (their weights match one process's to rounding).
 
 The result equals single-process training on the whole minibatch up to floating-point
 rounding: the all-reduce sums per-shard partial sums in another order than one matrix
-product does. Ranks stay identical to one another, since every rank receives the same reduced
-tensor and applies the same update.
+product does. Ranks stay identical to one another: gloo and NCCL hand every rank the same
+reduced tensor, and every rank applies the same update to it.
 
 Fused backend. The ``triton`` backend normally folds the optimizer update into the
 weight-gradient GEMM's epilogue, so ``dW`` never reaches memory. An all-reduce needs ``dW``
@@ -109,7 +109,27 @@ from ffkern.backends import Activations, Backend, FFLayer, get_backend
 from ffkern.config import FFConfig
 from ffkern.data import Dataset
 from ffkern.model import FFNetwork, Reduce
-from ffkern.trainer import Trainer, _progress, resolve_device
+from ffkern.trainer import Trainer, TrainResult, _progress, resolve_device
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "TIMEOUT_ENV",
+    "DataParallelTrainer",
+    "DistContext",
+    "PipelineSimulation",
+    "PipelineTrainer",
+    "check_data_parallel",
+    "check_pipeline",
+    "cli_train",
+    "data_parallel_step",
+    "dist_timeout",
+    "first_stage_input",
+    "init_distributed",
+    "shard_bounds",
+    "sharded_accuracies",
+    "simulate_pipeline",
+    "weighted_sum_reduce",
+]
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +378,7 @@ class DataParallelTrainer(Trainer):
             config.batch_size,
         )
 
-    def fit(self, stop_after: int | None = None) -> Any:
+    def fit(self, stop_after: int | None = None) -> TrainResult:
         _run_on_main(self.ctx, self._check_outputs)
         return super().fit(stop_after)
 
@@ -530,7 +550,7 @@ class PipelineTrainer(Trainer):
             "layer pipeline over %d ranks (%s), layer k on rank k", ctx.world_size, ctx.backend
         )
 
-    def fit(self, stop_after: int | None = None) -> Any:
+    def fit(self, stop_after: int | None = None) -> TrainResult:
         _run_on_main(self.ctx, self._check_outputs)
         return super().fit(stop_after)
 
