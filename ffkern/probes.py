@@ -179,10 +179,12 @@ def softmax_regression_grad(
     the bias), ``onehot`` (B, C) the labels, ``decay`` (K,) the per-feature L2 penalty, so that
     ``J = -(1/B) Σ_i log P_{i, y_i} + ½ Σ_ck decay_k Θ_ck²``.
     """
-    logits = xt @ theta.t()
-    logp = torch.log_softmax(logits, dim=1)
-    loss = -(onehot * logp).sum() / xt.shape[0] + 0.5 * (decay * theta * theta).sum()
-    grad = (logp.exp() - onehot).t() @ xt / xt.shape[0] + theta * decay
+    # Logits are formed transposed, (C, B) = Θ X̃ᵀ: with C ≪ K this product and the gradient's
+    # (P - Y)ᵀ X̃ both read X̃ row-major, about twice as fast on the CPU as X̃ Θᵀ.
+    logp_t = torch.log_softmax(theta @ xt.t(), dim=0)  # (C, B)
+    y_t = onehot.t()
+    loss = -(y_t * logp_t).sum() / xt.shape[0] + 0.5 * (decay * theta * theta).sum()
+    grad = (logp_t.exp() - y_t) @ xt / xt.shape[0] + theta * decay
     return loss, grad
 
 
@@ -397,7 +399,7 @@ class LayerView:
     normalized: torch.Tensor  # (N, D) what the next layer receives (the direction)
     goodness: torch.Tensor  # (N,) the layer's goodness on the neutral-label pass
     label_goodness: torch.Tensor | None  # (N, C) goodness with each candidate label, or None
-    active: torch.Tensor | None  # (D,) bool: unit active on any row of any labelled pass
+    active: torch.Tensor | None  # (D,) bool: unit active on some row, neutral or labelled pass
 
 
 @torch.no_grad()
@@ -533,6 +535,8 @@ def persistence_summary(
     the mean selectivity (at initialization and at the end) of survivors and of the others,
     rank and linear correlations of selectivity with the final persistence, and the direction
     probe restricted to the survivors against the same number of randomly chosen other units.
+    ``median_split`` makes the same comparison between the more persistent half of the units
+    and the less persistent half, which stays informative when the threshold keeps all or none.
     """
     views_tr = layer_views(net, data.x_train, with_labels=False)
     views_te = layer_views(net, data.x_test, with_labels=False)
@@ -559,10 +563,27 @@ def persistence_summary(
             "spearman_selectivity_final_vs_persistence": _spearman(s1, cos),
             "survivor_probe_acc": None,
             "other_probe_acc": None,
+            "median_split": None,
             "persistence": cos.tolist(),
             "selectivity_init": s0.tolist(),
             "selectivity_final": s1.tolist(),
         }
+        # The threshold may keep every unit or none; the split at the median persistence
+        # always compares two halves.
+        order = cos.argsort(descending=True)
+        half = cos.shape[0] // 2
+        top, bottom = order[:half], order[cos.shape[0] - half :]
+        if half > 0 and not layer.frozen:
+            tr, te = views_tr[i].normalized, views_te[i].normalized
+            entry["median_split"] = {
+                "persistence_cut": float(cos[order[half - 1]]),
+                "selectivity_init_top": float(s0[top].mean()),
+                "selectivity_init_bottom": float(s0[bottom].mean()),
+                "selectivity_final_top": float(s1[top].mean()),
+                "selectivity_final_bottom": float(s1[bottom].mean()),
+                "probe_acc_top": _probe(tr[:, top], te[:, top], data, settings),
+                "probe_acc_bottom": _probe(tr[:, bottom], te[:, bottom], data, settings),
+            }
         others = (~surv).nonzero().squeeze(1).cpu()
         if 0 < n_surv <= others.shape[0]:
             pick = others[torch.randperm(others.shape[0], generator=gen)[:n_surv]]
@@ -742,6 +763,7 @@ def run_probes(
         "dataset": dataset.name,
         "num_classes": dataset.num_classes,
         "config": config.to_dict(),
+        "run_order": list(runs),  # the configured run first (JSON objects keep no order)
         "settings": asdict(settings),
         "probe_rows": {"train": int(data.y_train.shape[0]), "test": int(data.y_test.shape[0])}
         if data is not None
@@ -775,7 +797,7 @@ def _input_probe(net: FFNetwork, data: ProbeData, settings: ProbeSettings) -> fl
 # goodness predictor near 20% after 30 epochs; Adam at 1e-3 reaches about 94% in 12.
 PROBE_DEFAULTS: dict[str, Any] = {
     "layers": (500, 500, 500),
-    "epochs": 10,
+    "epochs": 20,
     "optimizer": "adam",
     "lr": 1e-3,
     "train_eval_samples": 300,  # the trainer's training-accuracy subset; the report ignores it
@@ -808,7 +830,7 @@ def add_cli(subparsers: Any) -> None:
             "Frozen random layers, label information in the length against the direction, "
             "persistence of the initial features, per-layer linear probes over training. "
             "Writes report.md, probes.json and PNG plots into --out. Defaults differ from "
-            "ffkern train: 500,500,500, 10 epochs, Adam at lr 1e-3."
+            "ffkern train: 500,500,500, 20 epochs, Adam at lr 1e-3."
         ),
     )
     add_data_arguments(p)

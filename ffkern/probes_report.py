@@ -107,8 +107,13 @@ def _pct(values: Sequence[float | None]) -> list[float]:
     return [100.0 * v if v is not None else math.nan for v in values]
 
 
+def _run_names(result: dict[str, Any]) -> list[str]:
+    """Run names, the configured run first."""
+    return list(result.get("run_order") or result["runs"])
+
+
 def _main_run(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    name = next(iter(result["runs"]))
+    name = _run_names(result)[0]
     return name, result["runs"][name]
 
 
@@ -118,8 +123,8 @@ def plot_frozen(result: dict[str, Any]) -> Any:
 
     runs = result["runs"]
     chance = 100.0 * result["chance_acc"]
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.6))
-    names = list(runs)
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 6.0))
+    names = _run_names(result)
     xs = range(len(names))
     good = _pct([runs[n]["final"].get("test_acc") for n in names])
     soft = _pct([runs[n]["final"].get("test_acc_softmax") for n in names])
@@ -131,11 +136,11 @@ def plot_frozen(result: dict[str, Any]) -> Any:
                 ax0.text(x + dx, v + 1, f"{v:.1f}", ha="center", fontsize=8)
     ax0.axhline(chance, color="gray", linestyle=":", label="chance")
     ax0.set_xticks(list(xs), names)
-    ax0.set_ylim(0, 105)
+    ax0.set_ylim(0, 118)
     ax0.set_xlabel("run (layers kept at their random initialization)")
     ax0.set_ylabel("test accuracy (%)")
     ax0.set_title("Whole-network predictors")
-    ax0.legend(loc="lower left", fontsize=8)
+    ax0.legend(loc="upper center", ncol=3, fontsize=8)
 
     for k, name in enumerate(names):
         layers = runs[name]["layers_final"]
@@ -165,7 +170,7 @@ def plot_frozen(result: dict[str, Any]) -> Any:
     ax1.set_xlabel("layer")
     ax1.set_ylabel("test accuracy (%)")
     ax1.set_title("Per layer, after training")
-    ax1.legend(loc="lower right", fontsize=7)
+    ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=7)
     fig.suptitle(f"Frozen random layers ({result['dataset']})")
     fig.tight_layout()
     return fig
@@ -195,7 +200,8 @@ def plot_length_direction(result: dict[str, Any]) -> Any:
     ax.set_xlabel("layer")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Where is the label: direction or length?")
-    ax.legend(fontsize=7, loc="lower left")
+    # The band between the length probes (near chance) and the rest is where nothing is drawn.
+    ax.legend(fontsize=7, loc="center", bbox_to_anchor=(0.5, 0.43))
 
     panels = (
         (
@@ -242,25 +248,34 @@ def plot_length_direction(result: dict[str, Any]) -> Any:
 def plot_persistence(result: dict[str, Any]) -> Any:
     """Cosine to the initial weights over training, its final spread, and selectivity."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     name, run = _main_run(result)
     thr = result["settings"]["persist_threshold"]
     track, persist = run["track"], run["persistence"]
     epochs = track["epochs"]
     n_layers = len(persist)
+    labels = [f"layer {p['layer']}" + (" (frozen)" if p["frozen"] else "") for p in persist]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     for i in range(n_layers):
         axes[0, 0].plot(
-            epochs, [t[i] for t in track["persistence_mean"]], "o-", ms=3, label=f"layer {i + 1}"
+            epochs, [t[i] for t in track["persistence_mean"]], "o-", ms=3, label=labels[i]
         )
         axes[0, 1].plot(
             epochs,
             _pct([t[i] for t in track["survivor_share"]]),
             "o-",
             ms=3,
-            label=f"layer {i + 1}",
+            label=labels[i],
         )
-    axes[0, 0].set_ylim(-0.05, 1.05)
+    # Axes follow the data: after a short run every cosine can sit within a few hundredths of
+    # 1, where a fixed [-1, 1] scale would show flat lines. The threshold is drawn if in range.
+    low = min(min(p["persistence"]) for p in persist)
+    low = max(-1.0, min(low, min(min(t) for t in track["persistence_mean"])))
+    pad = max(0.005, 0.05 * (1.0 - low))
+    y_range = (low - pad, 1.0 + pad)
+    shown = y_range[0] <= thr <= y_range[1]
+    axes[0, 0].set_ylim(*y_range)
     axes[0, 0].set_ylabel("mean over units of cos(w, w at init)")
     axes[0, 0].set_title("Distance travelled from the initial weights")
     axes[0, 1].set_ylim(-3, 103)
@@ -268,6 +283,7 @@ def plot_persistence(result: dict[str, Any]) -> Any:
     axes[0, 1].set_title("Surviving initial features")
     for ax in axes[0]:
         ax.set_xlabel("epoch (0 = initialization)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
 
     ax = axes[1, 0]
@@ -275,21 +291,26 @@ def plot_persistence(result: dict[str, Any]) -> Any:
         ax.hist(
             p["persistence"],
             bins=40,
-            range=(-0.2, 1.0),
+            range=y_range,
             histtype="step",
             lw=1.5,
-            label=f"layer {i + 1}",
+            label=labels[i],
         )
-    ax.axvline(thr, color="black", linestyle="--", label=f"threshold {thr:g}")
-    ax.set_xlabel("cos(final weights, initial weights) per unit")
+    if shown:
+        ax.axvline(thr, color="black", linestyle="--", label=f"threshold {thr:g}")
+    ax.set_xlim(*y_range)
+    note = "" if shown else f"\n(survival threshold {thr:g} is below every unit)"
+    ax.set_xlabel("cos(final weights, initial weights) per unit" + note)
     ax.set_ylabel("units")
     ax.set_title("Persistence after training")
     ax.legend(fontsize=8)
 
     ax = axes[1, 1]
     for i, p in enumerate(persist):
-        ax.scatter(p["selectivity_init"], p["persistence"], s=5, alpha=0.5, label=f"layer {i + 1}")
-    ax.axhline(thr, color="black", linestyle="--", lw=0.8)
+        ax.scatter(p["selectivity_init"], p["persistence"], s=5, alpha=0.5, label=labels[i])
+    if shown:
+        ax.axhline(thr, color="black", linestyle="--", lw=0.8)
+    ax.set_ylim(*y_range)
     ax.set_xlabel("class selectivity at initialization (0 = none, 1 = one class)")
     ax.set_ylabel("cos(final, initial weights)")
     ax.set_title("Did the selective initial units survive?")
@@ -302,8 +323,9 @@ def plot_persistence(result: dict[str, Any]) -> Any:
 def plot_probes_over_training(result: dict[str, Any]) -> Any:
     """One panel per run: each layer's probe accuracy by epoch, init as a dashed control."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    runs = result["runs"]
+    runs = {name: result["runs"][name] for name in _run_names(result)}
     fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.4), squeeze=False)
     for ax, (name, run) in zip(axes[0], runs.items(), strict=True):
         track = run["track"]
@@ -327,6 +349,7 @@ def plot_probes_over_training(result: dict[str, Any]) -> Any:
         )
         ax.plot([], [], "k--", lw=0.8, label="dashed: random initial network")
         ax.set_xlabel("epoch (0 = initialization)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("linear-probe test accuracy (%)")
         ax.set_title(f"run '{name}'")
         ax.legend(fontsize=7, loc="lower right")
@@ -351,6 +374,10 @@ def _f(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _stderr(acc: float, n: int) -> float:
+    return math.sqrt(acc * (1.0 - acc) / max(n, 1))
+
+
 def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -361,7 +388,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def render_markdown(result: dict[str, Any]) -> str:
     """The text of ``report.md``: settings, one section per question, timings."""
-    cfg, st, runs = result["config"], result["settings"], result["runs"]
+    cfg, st = result["config"], result["settings"]
+    runs = {name: result["runs"][name] for name in _run_names(result)}
     main_name, main = _main_run(result)
     lines = [
         f"# Forward-Forward probes: {result['dataset']}",
@@ -373,7 +401,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"L2 {st['l2']:g}, fitted on {result['probe_rows']['train']} training images and scored "
         f"on {result['probe_rows']['test']} test images. Chance is {_p(result['chance_acc'])}; "
         f"the same probe on the input pixels (neutral label) scores "
-        f"{_p(result['input_probe_acc'])}. Every number is in `probes.json`.",
+        f"{_p(result['input_probe_acc'])}. One test image is "
+        f"{100 / result['probe_rows']['test']:.2f}% and the binomial standard error of an "
+        f"accuracy near 95% is {_p(_stderr(0.95, result['probe_rows']['test']))}: smaller "
+        "differences are noise. Every number is in `probes.json`.",
         "",
         "## 1. Frozen random layers",
         "",
@@ -507,6 +538,38 @@ def render_markdown(result: dict[str, Any]) -> str:
         ],
         rows,
     )
+    rows = []
+    for name, run in runs.items():
+        for p in run["persistence"]:
+            m = p.get("median_split")
+            if p["frozen"] or not m:
+                continue
+            rows.append(
+                [
+                    name,
+                    str(p["layer"]),
+                    _f(m["persistence_cut"]),
+                    f"{_f(m['selectivity_init_top'])} / {_f(m['selectivity_init_bottom'])}",
+                    f"{_f(m['selectivity_final_top'])} / {_f(m['selectivity_final_bottom'])}",
+                    f"{_p(m['probe_acc_top'])} / {_p(m['probe_acc_bottom'])}",
+                ]
+            )
+    lines += [
+        "Split at the median persistence (more persistent half / less persistent half), "
+        "which stays informative when the threshold keeps every unit or none:",
+        "",
+        *_table(
+            [
+                "run",
+                "layer",
+                "median cos",
+                "selectivity at init: top / bottom",
+                "final selectivity: top / bottom",
+                "probe on the half: top / bottom",
+            ],
+            rows,
+        ),
+    ]
     lines += [
         "## 4. Per-layer probes over training",
         "",

@@ -33,6 +33,19 @@ def digits():
     return load_dataset("digits")
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Run each test on one torch thread, then put the thread count back.
+
+    The probes multiply skinny matrices (C = 10 columns); on a loaded 2-core machine the
+    intra-op thread pool makes those several times slower, not faster.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # -- effective rank and class-mean cosine --------------------------------------------------------
 
 
