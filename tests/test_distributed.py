@@ -13,6 +13,8 @@ against each tensor's largest magnitude. After the 48 steps of these runs the we
 under 1e-6 of theirs, and the SGD momentum buffers (running sums of gradients, so with more
 cancellation) by up to about 7e-6; ``DP_RTOL`` leaves several times that. The generator
 state must match exactly: every rank draws the same permutation and negatives as one process.
+Minibatches that split unevenly over the ranks are checked in float64, where rounding is out of
+the way, to ``F64_RTOL``.
 The pipeline runs the same operations on the same shapes as its single-process simulation, so
 its tolerance only covers a change of thread count between processes.
 """
