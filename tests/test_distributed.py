@@ -3,8 +3,8 @@
 Two real processes run the ``ffkern train`` command line (:func:`ffkern.cli.main`, which hands
 ``--parallel`` to :func:`ffkern.distributed.cli_train`) for several runs in a row, one
 process-group rendezvous per run; the test process trains the single-process references and
-compares checkpoints. Three more jobs go through ``torchrun`` itself: a rank that raises, a rank
-that hangs, and a usage error.
+compares checkpoints. Four more jobs go through ``torchrun`` itself: a rank that raises, a rank
+that hangs, a usage error, and a three-stage pipeline through ``torchrun -m ffkern``.
 
 Tolerances. Data parallelism sums per-shard partial sums of ``dW`` in another order than one
 matrix product does, so the weights differ in the last bits after one step (about 1e-7 of
@@ -14,9 +14,9 @@ under 1e-6 of theirs, and the SGD momentum buffers (running sums of gradients, s
 cancellation) by up to about 7e-6; ``DP_RTOL`` leaves several times that. The generator
 state must match exactly: every rank draws the same permutation and negatives as one process.
 Minibatches that split unevenly over the ranks are checked in float64, where rounding is out of
-the way, to ``F64_RTOL``.
-The pipeline runs the same operations on the same shapes as its single-process simulation, so
-its tolerance only covers a change of thread count between processes.
+the way, to ``F64_RTOL``. The pipeline runs the same operations on the same shapes as its
+single-process simulation (the runs here match it bitwise), so its tolerance only covers a
+change of thread count.
 """
 
 from __future__ import annotations
