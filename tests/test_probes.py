@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from ffkern import FFConfig, Trainer, load_dataset
+from ffkern import FFConfig, FFNetwork, Trainer, load_dataset
 from ffkern.cli import main
 from ffkern.probes import (
     class_mean_cosine,
@@ -238,3 +238,28 @@ def test_cli_writes_report_and_refuses_non_empty_folder(tmp_path, capsys):
     assert main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "probes.json").stat().st_mtime_ns == stamp
+
+
+def test_cli_probes_a_checkpoint_without_training_it(tmp_path, digits):
+    cfg = FFConfig(layers=(20, 20), epochs=1, train_eval_samples=50, optimizer="adam")
+    ckpt = tmp_path / "run.pt"
+    trainer = Trainer(
+        cfg, digits, backend="reference", device="cpu", progress=False, checkpoint_path=ckpt
+    )
+    trained = trainer.fit().network.layers[1].weight.clone()
+    out = tmp_path / "report"
+    argv = [
+        "probe", "--checkpoint", str(ckpt), "--compare-freeze", "none", "--out", str(out),
+        "--backend", "reference", "--device", "cpu", "--no-progress",
+        "--probe-samples", "300", "--probe-steps", "30",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((out / "probes.json").read_text())
+    assert data["run_order"] == ["unfrozen"]
+    run = data["runs"]["unfrozen"]
+    assert not run["trained_here"] and run["epochs"] == 1
+    assert run["track"]["epochs"] == [0, 1]
+    # Persistence is measured against the initialization the checkpoint's seed reproduces.
+    fresh = FFNetwork(cfg, digits.num_features, digits.num_classes).layers[1].weight
+    expected = persistence(trained, fresh)
+    assert run["persistence"][1]["persistence"] == pytest.approx(expected.tolist(), abs=1e-6)
