@@ -91,7 +91,7 @@ class FFConfig:
     freeze: tuple[int, ...] = ()  # 1-based layers kept at their random initialization
     # -- optimization -------------------------------------------------------------------------
     optimizer: str = "sgd"  # "sgd" (momentum) or "adam", both written without torch.optim
-    lr: float = 0.01  # base learning rate of the FF layers and the softmax head
+    lr: float = 0.001  # base learning rate of the FF layers and the softmax head (SGD)
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 0.0  # L2 weight decay
     schedule: str = "hinton"  # "hinton": constant for half the epochs, then linear decay
