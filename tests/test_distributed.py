@@ -316,9 +316,9 @@ def test_three_stage_pipeline_under_torchrun(tmp_path: Path) -> None:
 def test_usage_error_under_torchrun_names_the_fix() -> None:
     argv = ["-m", "ffkern", "train", *COMMON, "--layers", "32,32,32", *PIPE_FLAGS,
             "--parallel", "pipeline"]  # fmt: skip
-    rc, out, _ = _torchrun(argv, {"OMP_NUM_THREADS": "1"})
+    rc, out, _ = _torchrun(argv, {"OMP_NUM_THREADS": "1"}, ranks=1)
     assert rc != 0
-    assert "3 layers need exactly 3 ranks" in out, out
+    assert "3 layers need exactly 3 ranks (torchrun --nproc-per-node 3), got 1" in out, out
 
 
 # -- checks that need no process group -----------------------------------------------------------
