@@ -695,14 +695,18 @@ def cli_train(args: argparse.Namespace) -> int:
 
 def _abort(exc: BaseException, ctx: DistContext | None) -> NoReturn:
     """Log ``exc`` with the rank and end the process without waiting on the other ranks."""
-    rank = str(ctx.rank) if ctx is not None else os.environ.get("RANK", "?")
-    world = str(ctx.world_size) if ctx is not None else os.environ.get("WORLD_SIZE", "?")
+    if ctx is not None:
+        where = f"rank {ctx.rank} of {ctx.world_size}"
+    elif "RANK" in os.environ:
+        where = f"rank {os.environ['RANK']} of {os.environ.get('WORLD_SIZE', '?')}"
+    else:
+        where = "this process (not started by torchrun)"
     usage = isinstance(exc, _USAGE_ERRORS)
     if usage:
-        log.error("rank %s of %s: %s", rank, world, exc)
+        log.error("%s: %s", where, exc)
     else:
-        log.error("rank %s of %s failed: %s", rank, world, exc, exc_info=exc)
-    print(f"ffkern train: error on rank {rank} of {world}: {exc}", file=sys.stderr)
+        log.error("%s failed: %s", where, exc, exc_info=exc)
+    print(f"ffkern train: error on {where}: {exc}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
