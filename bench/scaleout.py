@@ -61,6 +61,14 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _load_average() -> float:
+    """One-minute load average (0 where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank of one row: time the steps, and rank 0 writes ``{samples_per_s, ...}``."""
     import torch.distributed as dist
@@ -179,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch % max(counts):
         raise SystemExit(f"--batch {args.batch} must be a multiple of every rank count {counts}")
     cores = _cores()
+    load_before = _load_average()
     rows = []
     if gpus:
         for n in counts:
@@ -208,10 +217,19 @@ def main(argv: list[str] | None = None) -> int:
             r["vs_1_rank"] = r["samples_per_s"] / full["samples_per_s"]
             base = share_base.get(r["threads_per_rank"], full["samples_per_s"])
             r["efficiency"] = r["samples_per_s"] / (r["ranks"] * base)
+    load = max(load_before, _load_average())
     header = (
         f"data-parallel FF step, layers {'x'.join(map(str, args.layers))}, K={args.features}, "
-        f"global batch {args.batch}, device {rows[0]['device']}, {cores} cores"
+        f"global batch {args.batch}, device {rows[0]['device']}, {cores} cores, "
+        f"load average {load:.1f}"
     )
+    if not gpus and load > 0.5 * cores:
+        log.warning(
+            "the machine was busy (load average %.1f on %d cores): other processes compete "
+            "for the cores, so the CPU rows are noisy and multi-threaded rows suffer most",
+            load,
+            cores,
+        )
     print(header)
     print(f"{'ranks':>5} {'thr/rank':>8} {'step ms':>9} {'samples/s':>10} {'vs 1 rank':>9} "
           f"{'efficiency':>10}")  # fmt: skip
@@ -221,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['samples_per_s']:>10.0f} {r['vs_1_rank']:>9.2f} {r['efficiency']:>10.2f}"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+        payload = {"header": header, "load_average": load, "cores": cores, "rows": rows}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
     return 0
 
 
