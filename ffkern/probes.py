@@ -58,7 +58,7 @@ import torch
 
 from ffkern.config import FFConfig
 from ffkern.data import Dataset
-from ffkern.model import FFNetwork
+from ffkern.model import FFNetwork, build_network
 from ffkern.trainer import Trainer, format_epoch
 
 log = logging.getLogger(__name__)
@@ -688,12 +688,13 @@ def probe_run(
 
 def _initial_network(trainer: Trainer, initial: Sequence[torch.Tensor]) -> FFNetwork:
     """A fresh network of ``trainer``'s configuration carrying the ``initial`` weights."""
-    net = FFNetwork(
+    net = build_network(
         trainer.config,
         trainer.network.in_features,
         trainer.network.num_classes,
         device=trainer.device,
         backend=trainer.backend,
+        image_shape=trainer.dataset.image_shape,
     )
     for layer, w0 in zip(net.layers, initial, strict=True):
         layer.weight = w0.to(trainer.device).clone()
@@ -724,6 +725,11 @@ def run_probes(
     share their initial weights. Returns a JSON-ready dictionary; see :mod:`ffkern.probes_report`.
     """
     settings = settings if settings is not None else ProbeSettings()
+    if getattr(config, "model", "feedforward") != "feedforward":
+        raise ValueError(
+            f"the probes read one goodness and one output per layer of the feedforward "
+            f"network; model {config.model!r} is not supported"
+        )
     sets = (
         default_freeze_sets(len(config.layers))
         if compare_freeze is None
@@ -844,8 +850,9 @@ def add_cli(subparsers: Any) -> None:
         type=_freeze_sets,
         default=None,
         metavar="SETS",
-        help="frozen variants to compare, e.g. '1;1,2' (default auto: those sets that leave a "
-        "later layer trained), or 'none'",
+        help="frozen variants to compare with the configured run (--freeze, default none), "
+        "e.g. '1;1,2'; default auto: 1 and 1,2 where a later layer is still trained; 'none' "
+        "for no variant. An unfrozen run is always included",
     )
     d = ProbeSettings()
     p.add_argument("--probe-samples", type=int, default=d.probe_samples, help="probe fit rows")
