@@ -38,7 +38,9 @@ With ``d_0 = K`` and ``d_1 .. d_L`` the layer widths, multiply-adds counted as t
 The *floor* of a row is the time its FLOPs would take at the machine's matrix-product rate,
 measured in the same run: the median rate of a large square matmul (2048² on CPU, 8192² on
 GPU) at the precision the row uses, timed in turns with the rows of each case (so a machine
-whose load drifts during the run still gets a floor from the same minutes as the row).
+whose load drifts during the run still gets a floor from the same minutes as the row); the
+higher of that rate and the one measured at the start of the run is used, so that a bad
+moment of either never flatters a row.
 ``floor`` in the table is ``(FLOPs / t) / rate``: 1.0 would mean the step runs as fast as its
 matrix products alone could.
 
@@ -586,6 +588,7 @@ def layer_target(
     precisions: Sequence[str],
     budget_s: float,
     floor_n: int,
+    floors: dict[str, float],
     with_triton: bool,
 ) -> list[LayerRow]:
     """Time one layer step of every available backend against two bare matmuls, per precision.
@@ -651,7 +654,8 @@ def layer_target(
         timed = [lrows[0], *(r for r in lrows[1:] if r.status == "ok")]
         probe, probe_flops = matmul_step(device, prec, floor_n)
         times = time_interleaved([*steps, probe], device, 3, budget_s)
-        rate = probe_flops / statistics.median(times.pop())  # the floor, timed in turns
+        # The floor: the higher of the rate timed in turns and the one from the run's start.
+        rate = max(probe_flops / statistics.median(times.pop()), floors[prec])
         pair_t = statistics.median(times[0])
         for lrow, ts in zip(timed, times, strict=True):
             t = statistics.median(ts)
@@ -775,7 +779,10 @@ def fill_ratios(rows: list[Row], floors: dict[str, float]) -> None:
     for row in rows:
         if row.status != "ok":
             continue
-        rate = 1e12 * row.floor_tflops if row.floor_tflops else floors[row.precision]
+        # The higher of the two estimates of the matmul rate (at the start of the run, and in
+        # turns with this case): on a loaded machine either can catch a bad moment, and the
+        # higher rate never flatters the row.
+        rate = max(1e12 * (row.floor_tflops or 0.0), floors[row.precision])
         row.floor_fraction = row.flops_per_step / (row.ms_per_step / 1e3) / rate
         peers = by_case[(tuple(row.layers), row.batch, row.group)]
         for attr, other in (
@@ -1301,7 +1308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if preset.layer_target is not None:
         precs = triton_precisions if skip is None else ["fp32"]
         layer_rows = layer_target(
-            *preset.layer_target, device, precs, preset.budget_s, floor_n, skip is None
+            *preset.layer_target, device, precs, preset.budget_s, floor_n, floors, skip is None
         )
         print(format_layer_table(layer_rows), flush=True)
 
