@@ -509,14 +509,17 @@ def _active(view: LayerView) -> torch.Tensor:
 def track_epoch(
     net: FFNetwork, data: ProbeData, settings: ProbeSettings, initial: Sequence[torch.Tensor]
 ) -> dict[str, list[float]]:
-    """The cheap per-epoch measures: direction probe and persistence of every layer."""
+    """The per-epoch measures of every layer: direction probe, persistence statistics."""
     tr_views = layer_views(net, data.x_train, with_labels=False)
     te_views = layer_views(net, data.x_test, with_labels=False)
-    out: dict[str, list[float]] = {"probe_acc": [], "persistence_mean": [], "survivor_share": []}
+    keys = ("probe_acc", "persistence_mean", "persistence_median", "persistence_min")
+    out: dict[str, list[float]] = {key: [] for key in (*keys, "survivor_share")}
     for layer, w0, tr, te in zip(net.layers, initial, tr_views, te_views, strict=True):
         cos = persistence(layer.weight, w0)
         out["probe_acc"].append(_probe(tr.normalized, te.normalized, data, settings))
         out["persistence_mean"].append(float(cos.mean()))
+        out["persistence_median"].append(float(cos.median()))
+        out["persistence_min"].append(float(cos.min()))
         out["survivor_share"].append(float((cos >= settings.persist_threshold).float().mean()))
     return out
 

@@ -12,7 +12,8 @@ Layout of the result dictionary that :func:`ffkern.probes.run_probes` returns (a
   :func:`ffkern.probes.analyse_layers`), ``persistence`` (per layer, see
   :func:`ffkern.probes.persistence_summary`, with the per-unit lists), ``track`` (after every
   epoch, epoch 0 being the random initial network: ``probe_acc``, ``persistence_mean``,
-  ``survivor_share``, one value per layer) and ``timing``.
+  ``persistence_median``, ``persistence_min``, ``survivor_share``, one value per layer) and
+  ``timing``.
 
 Every file is written to a temporary name in the folder and renamed into place, so a reader
 never sees half a file.
