@@ -136,9 +136,14 @@ stage gpu-target "${T_TARGET:-130}" "$PY" "$REPO/bench/throughput.py" --config g
 stage recipe "${T_RECIPE:-90}" "$PY" "$REPO/bench/throughput.py" --mnist-recipe-time \
     --precision "${RECIPE_PRECISION:-bf16}" --recipe-budget-s 60 --json "$RESULTS/recipe.json"
 
+plot=()
+if (cd "$SHIM" && "$PY" -c 'import matplotlib' 2>/dev/null); then
+    plot=(--plot "$RESULTS/sweep.png")
+else
+    SUMMARY+=("plot           skipped: matplotlib is not installed for $PY")
+fi
 stage sweep "${T_SWEEP:-100}" "$PY" "$REPO/bench/throughput.py" --quick \
-    --precision "${SWEEP_PRECISION:-tf32}" --json "$RESULTS/sweep.json" \
-    --plot "$RESULTS/sweep.png"
+    --precision "${SWEEP_PRECISION:-tf32}" --json "$RESULTS/sweep.json" ${plot[@]+"${plot[@]}"}
 
 echo
 echo "== summary (logs and JSON in $RESULTS)"

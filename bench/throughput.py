@@ -1070,8 +1070,8 @@ def _git_commit() -> str:
     return out + ("-dirty" if dirty else "")
 
 
-def plot(rows: list[Row], path: str, where: str = "") -> None:
-    """samples/s against batch size per implementation, for the batch-sweep rows."""
+def _matplotlib() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or a clear exit without it."""
     try:
         import matplotlib
 
@@ -1082,6 +1082,12 @@ def plot(rows: list[Row], path: str, where: str = "") -> None:
             "--plot needs matplotlib, which is not installed: pip install matplotlib "
             "(or pip install 'ffkern[plot]'), or drop --plot"
         ) from None
+    return plt
+
+
+def plot(rows: list[Row], path: str, where: str = "") -> None:
+    """samples/s against batch size per implementation, for the batch-sweep rows."""
+    plt = _matplotlib()
     sweep = [r for r in rows if r.status == "ok" and r.group in ("batch", "target")]
     if not sweep:
         sweep = [r for r in rows if r.status == "ok"]
@@ -1239,6 +1245,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The body of :func:`main` on parsed arguments."""
+    if args.plot:
+        _matplotlib()  # fail before the run, not after it
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
