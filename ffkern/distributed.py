@@ -135,6 +135,7 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "FFKERN_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 120.0  # long enough for a slow rank's checkpoint write, short for a hang
+DOWNLOAD_TIMEOUT_S = 3600.0  # how long ranks wait for rank 0 to download a dataset
 
 # Dtype codes of the activations a pipeline stage sends (float32, or bfloat16 under bf16).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -240,15 +241,19 @@ def _all_gather_rows(local: torch.Tensor, n: int, ctx: DistContext) -> torch.Ten
     return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
 
 
-def _run_on_main(ctx: DistContext, fn: Callable[[], None]) -> None:
-    """Run a check on rank 0 and raise its usage error on every rank, so all stop together."""
+def _run_on_main(ctx: DistContext, fn: Callable[[], object], group: Any = None) -> None:
+    """Run ``fn`` on rank 0 and raise its usage error on every rank, so all stop together.
+
+    The other ranks wait in a broadcast on ``group`` (default: the job's), so under that
+    group's timeout.
+    """
     failure: list[tuple[str, str] | None] = [None]
     if ctx.is_main:
         try:
             fn()
         except _USAGE_ERRORS as exc:
             failure[0] = (type(exc).__name__, str(exc))
-    dist.broadcast_object_list(failure, src=0)
+    dist.broadcast_object_list(failure, src=0, group=group)
     if failure[0] is not None:
         kind, message = failure[0]
         errors = {e.__name__: e for e in _USAGE_ERRORS}
@@ -750,9 +755,17 @@ def _build_trainer(args: argparse.Namespace, ctx: DistContext) -> Trainer:
 
 
 def _load_dataset(name: str, data_dir: str | None, download: bool, ctx: DistContext) -> Dataset:
-    """Every rank loads the dataset; with ``download``, rank 0 fetches it first, alone."""
+    """Every rank loads the dataset; with ``download``, rank 0 fetches it first, alone.
+
+    A download can outlast the collective timeout, so the other ranks wait for it in a gloo
+    group of their own with a timeout of ``DOWNLOAD_TIMEOUT_S``.
+    """
     from ffkern.data import load_dataset
 
     if download:
-        _run_on_main(ctx, lambda: load_dataset(name, data_dir, download=True))
+        patient = dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=DOWNLOAD_TIMEOUT_S)
+        )
+        _run_on_main(ctx, lambda: load_dataset(name, data_dir, download=True), patient)
+        dist.destroy_process_group(patient)
     return load_dataset(name, data_dir)
