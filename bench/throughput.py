@@ -327,6 +327,14 @@ class MemoryMeter:
         return _ru_maxrss_bytes() - self._base
 
 
+MEMORY_METHODS = {
+    "cuda.max_memory_allocated": "torch.cuda.max_memory_allocated growth over the build and "
+    "warm-up (peak statistics reset first)",
+    "VmHWM": "peak resident set growth over the build and warm-up: VmHWM after minus VmRSS "
+    "before, the peak reset through /proc/self/clear_refs after malloc_trim",
+}
+
+
 def _cpu_method() -> str:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -1390,11 +1398,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "floors_flops": floors,
         "floor_matmul_n": floor_n,
-        "memory_method": MemoryMeter(device).method,
+        "memory_method": MEMORY_METHODS.get(MemoryMeter(device).method, MemoryMeter(device).method),
         "formulas": {
             "ff_step_flops": "8 * B * sum(d_in * d_out)",
             "backprop_step_flops": "6 * B * sum(d_in * d_out) - 2 * B * d_0 * d_1 (head incl.)",
-            "floor_fraction": "(flops_per_step / median_step_s) / floor_flops[precision]",
+            "floor_fraction": "(flops_per_step / median_step_s) / max(floor_tflops * 1e12, "
+            "floors_flops[precision])",
         },
         "rows": [asdict(r) for r in rows],
         "layer_step": [asdict(r) for r in layer_rows],
@@ -1418,7 +1427,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print("targets")
     print(format_targets(targets) + "\n")
     print(
-        f"peak MiB: {result['memory_method']}; floor: fraction of the {floor_n}^2 matmul rate; "
+        f"peak MiB: {MemoryMeter(device).method} growth; floor: fraction of the {floor_n}^2 "
+        f"matmul rate; "
         f"FF FLOPs 8·B·Σ d_in·d_out, backprop 6·B·Σ d_in·d_out − 2·B·d_0·d_1; "
         f"{elapsed:.0f} s in all"
     )
