@@ -62,7 +62,8 @@ repo = Path(sys.argv[1]).resolve()
 # Where ffkern is pip-installed in editable mode (a developer box), its import hook would
 # answer instead of the shim; drop it so this checks what a machine without ffkern sees.
 def _editable(finder):
-    return (finder if isinstance(finder, type) else type(finder)).__module__.startswith("__editable")
+    cls = finder if isinstance(finder, type) else type(finder)
+    return cls.__module__.startswith("__editable")
 sys.meta_path = [f for f in sys.meta_path if not _editable(f)]
 import ffkern, ffkern.kernels
 if not Path(ffkern.kernels.__file__).parent.is_symlink():
@@ -88,8 +89,11 @@ if [[ $DRY == 1 || $HAS_CUDA == 0 ]]; then
     [[ $HAS_CUDA == 0 ]] && echo "no CUDA device here: dry run only (no GPU stage runs)"
     if [[ $IMPORTS_ONLY == 0 ]]; then
         echo "== CPU micro benchmark (code paths only; numbers mean nothing)"
-        (cd "$SHIM" && timeout 300 "$PY" "$REPO/bench/throughput.py" --config micro --quick \
-            --device cpu --json "$RESULTS/dry-run.json") || { echo "micro benchmark FAILED"; exit 1; }
+        if ! (cd "$SHIM" && timeout 300 "$PY" "$REPO/bench/throughput.py" --config micro \
+            --quick --device cpu --json "$RESULTS/dry-run.json"); then
+            echo "micro benchmark FAILED"
+            exit 1
+        fi
     fi
     echo "dry run OK; on a GPU machine this would run: pytest tests/test_gpu.py" \
         "tests/test_kernels.py, throughput.py --config gpu-target, --mnist-recipe-time," \
@@ -108,12 +112,20 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run COMMAND from the shim, log to $R
     (cd "$SHIM" && timeout --kill-after=10 "$limit" "$@") 2>&1 | tee "$RESULTS/$name.log"
     rc=${PIPESTATUS[0]}
     local verdict="ok"
-    if [[ $rc == 124 || $rc == 137 ]]; then verdict="TIMEOUT"; elif [[ $rc != 0 ]]; then verdict="FAILED rc=$rc"; fi
+    if [[ $rc == 124 || $rc == 137 ]]; then
+        verdict="TIMEOUT"
+    elif [[ $rc != 0 ]]; then
+        verdict="FAILED rc=$rc"
+    fi
     SUMMARY+=("$(printf '%-14s %-14s %4ds' "$name" "$verdict" $((SECONDS - t0)))")
     if [[ $rc != 0 && $STATUS == 0 ]]; then STATUS=$rc; fi
 }
 
-stage env 20 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv; $PY -c 'import torch, triton, sys; print(sys.version); print(torch.__version__, torch.version.cuda, triton.__version__)'"
+GPU_QUERY=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu
+VERSIONS='import sys, torch as m, triton as t
+print(sys.version, m.__version__, m.version.cuda, t.__version__)'
+stage env 20 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=$GPU_QUERY --format=csv; \
+    $PY -c '$VERSIONS'"
 
 if (cd "$SHIM" && "$PY" -c 'import pytest' 2>/dev/null); then
     tests=()
