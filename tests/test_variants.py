@@ -506,7 +506,8 @@ def test_cli_variants_on_digits(tmp_path, capsys, variant):
 
 def test_hybrid_learns_on_digits(tmp_path):
     """Guard that unsupervised FF is not a no-op: the head on its features beats chance."""
-    last, _ = run_cli(tmp_path, "--negatives", "hybrid", "--seed", "1")
+    last, _ = run_cli(tmp_path, "--negatives", "hybrid", "--optimizer", "adam", "--lr", "0.003")
+    # Chance is 10%; seeds 0-2 reach 76-80% here.
     assert last["test_acc"] > 0.4
 
 
