@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -38,7 +40,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("norm", ["rms", "l2"])
 def test_layer_gradients_match_autograd(shape, goodness, peer, norm):
     n, k, d = shape
-    gen = torch.Generator().manual_seed(hash((shape, goodness, peer, norm)) % 2**31)
+    # crc32 of the case's name: a fixed seed per case (hash() of a str changes between runs).
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, goodness, peer, norm)).encode()))
     dt = torch.float64
     x = torch.randn(n, k, generator=gen, dtype=dt)
     # A threshold near the typical goodness keeps both branches of the loss in play.
