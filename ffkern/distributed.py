@@ -343,8 +343,29 @@ def data_parallel_step(
     return net.train_layers(batch, hi - lo, lr, active, reduce) * share
 
 
+def check_supported_variant(config: FFConfig, mode: str) -> None:
+    """Raise ``ValueError`` for the variants scale-out does not implement.
+
+    Both modes build Hinton's supervised batches themselves (label embedding and negatives),
+    so jitter, hybrid negatives and the recurrent model would otherwise be skipped silently.
+    """
+    unsupported = []
+    if config.augment != "none":
+        unsupported.append(f"--augment {config.augment}")
+    if config.negatives == "hybrid":
+        unsupported.append("--negatives hybrid")
+    if config.model != "feedforward":
+        unsupported.append(f"--model {config.model}")
+    if unsupported:
+        raise ValueError(
+            f"--parallel {mode} trains the supervised feed-forward recipe only; it does not "
+            f"implement {', '.join(unsupported)}: train that variant without --parallel"
+        )
+
+
 def check_data_parallel(config: FFConfig, n_train: int, world_size: int) -> None:
     """Raise ``ValueError`` unless every rank gets rows of every minibatch."""
+    check_supported_variant(config, "data")
     if config.batch_size % world_size:
         lower = config.batch_size - config.batch_size % world_size
         raise ValueError(
@@ -393,7 +414,8 @@ class DataParallelTrainer(Trainer):
         lr = optim.lr_at(net.opt, phase_epoch, phase_epochs)
         n = ds.x_train.shape[0]
         order = torch.randperm(n, generator=net.generator, device=self.device)
-        loss_sum = torch.zeros(len(cfg.layers), device=self.device)
+        # One slot per trained layer: only the active one when training greedily.
+        loss_sum = torch.zeros(len(cfg.layers) if active is None else 1, device=self.device)
         steps = 0
         t0 = time.perf_counter()
         for start in _progress(
@@ -401,7 +423,7 @@ class DataParallelTrainer(Trainer):
         ):
             idx = order[start : start + cfg.batch_size]
             share = data_parallel_step(net, ds.x_train[idx], ds.y_train[idx], lr, self.ctx, active)
-            loss_sum[: share.shape[0]] += share
+            loss_sum += share
             steps += 1
         dist.all_reduce(loss_sum)  # the shares of every step, summed once per epoch
         if self.device.type == "cuda":
@@ -410,6 +432,7 @@ class DataParallelTrainer(Trainer):
         layer_losses = (loss_sum / steps).tolist()  # host sync, once per epoch
         self.epoch += 1
         record = _epoch_record(self.epoch, layer_losses, lr, seconds, n, self.ctx, "data")
+        record["loss"] = self._summary_loss(layer_losses, active)
         if active is not None:
             record["active_layer"] = active + 1
         record.update(self.evaluate())
@@ -466,6 +489,7 @@ def _epoch_record(
 
 def check_pipeline(config: FFConfig, world_size: int) -> None:
     """Raise ``ValueError`` unless ``config`` can run as a layer pipeline on ``world_size``."""
+    check_supported_variant(config, "pipeline")
     layers = len(config.layers)
     if world_size != layers:
         raise ValueError(

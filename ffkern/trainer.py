@@ -193,7 +193,7 @@ class Trainer:
         n = ds.x_train.shape[0]
         order = torch.randperm(n, generator=net.generator, device=self.device)
         starts = range(0, n, cfg.batch_size)
-        loss_sum = torch.zeros(len(cfg.layers), device=self.device)
+        loss_sum: torch.Tensor | float = 0.0  # per trained layer (only the active one if greedy)
         steps = 0
         t0 = time.perf_counter()
         for start in _progress(starts, self.progress, f"epoch {self.epoch + 1}"):
@@ -201,7 +201,7 @@ class Trainer:
                 continue  # a hybrid needs two images; a final batch of one is skipped
             idx = order[start : start + cfg.batch_size]
             losses = net.train_step(ds.x_train[idx], ds.y_train[idx], lr, active=active)
-            loss_sum[: losses.shape[0]] += losses
+            loss_sum = loss_sum + losses
             steps += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # deliberate: the epoch's time ends here
@@ -210,7 +210,7 @@ class Trainer:
         self.epoch += 1
         record: dict[str, Any] = {
             "epoch": self.epoch,
-            "loss": float(sum(layer_losses) / len(layer_losses)),
+            "loss": self._summary_loss(layer_losses, active),
             "layer_losses": layer_losses,
             "lr": lr,
             "seconds": seconds,
@@ -221,6 +221,19 @@ class Trainer:
         record.update(self.evaluate())
         record["eval_seconds"] = time.perf_counter() - t0 - seconds
         return record
+
+    def _summary_loss(self, layer_losses: list[float], active: int | None) -> float:
+        """The epoch's loss: the active layer's when greedy, else the mean over unfrozen layers.
+
+        Frozen layers are left out because their loss is large and cannot improve, which
+        would make runs with different frozen layers incomparable.
+        """
+        if active is not None:
+            return float(layer_losses[0])
+        layers = self.network.layers
+        trained = [v for v, layer in zip(layer_losses, layers, strict=False) if not layer.frozen]
+        picked = trained or layer_losses
+        return float(sum(picked) / len(picked))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

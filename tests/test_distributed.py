@@ -358,3 +358,21 @@ def test_timeout_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv(fd.TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match="positive number of seconds"):
         fd.dist_timeout()
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"augment": "jitter"}, "--augment jitter"),
+        ({"negatives": "hybrid", "softmax_head": True}, "--negatives hybrid"),
+        ({"model": "recurrent"}, "--model recurrent"),
+    ],
+)
+def test_scale_out_refuses_variants_it_does_not_implement(changes, named):
+    """Variants that scale-out does not build are refused, never skipped silently."""
+    config = FFConfig(layers=(8, 8), batch_size=4, negatives="random", softmax_head=False)
+    config = config.replace(**changes)
+    with pytest.raises(ValueError, match=named):
+        fd.check_data_parallel(config, 100, 2)
+    with pytest.raises(ValueError, match=named):
+        fd.check_pipeline(config, 2)

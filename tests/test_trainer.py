@@ -125,6 +125,9 @@ def test_greedy_training_trains_one_layer_per_phase(digits):
     trainer.fit()
     assert not torch.equal(trainer.network.layers[1].weight, w1)
     assert [r["active_layer"] for r in trainer.history] == [1, 2]
+    for record in trainer.history:  # the loss is the active layer's, not a mean with zeros
+        assert len(record["layer_losses"]) == 1
+        assert record["loss"] == record["layer_losses"][0] > 0
 
 
 def test_end_to_end_digits_accuracy(digits):
