@@ -112,10 +112,12 @@ class LayerResult:
 
 def norm_scale(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     """Per-row length-normalization factor ``r`` of ``x`` (N, K): ``r ⊙ x`` has unit RMS or L2."""
-    sq = (x * x).sum(dim=1)
-    if norm == "rms":
-        sq = sq / x.shape[1]
-    return torch.rsqrt(sq + eps)
+    return scale_from_sumsq((x * x).sum(dim=1), x.shape[1], norm, eps)
+
+
+def scale_from_sumsq(q: torch.Tensor, width: int, norm: str, eps: float) -> torch.Tensor:
+    """``r`` from the row sums of squares ``q`` of a (N, width) matrix: no pass over the rows."""
+    return torch.rsqrt((q / width if norm == "rms" else q) + eps)
 
 
 def forward(
@@ -230,7 +232,8 @@ def layer_step(
     xn = x * scale[:, None]
     z = torch.addmm(bias, xn, weight.t())
     h = torch.relu(z)
-    g = goodness_of(h, obj)
+    q = (h * h).sum(dim=1)
+    g = q if obj.goodness == "sum" else q / width
     loss, coef = loss_and_coef(g, n_pos, obj, width)
     new_mean, peer = peer_update(h, n_pos, peer_mean, obj, reduce)
     dz = coef[:, None] * h
@@ -240,7 +243,7 @@ def layer_step(
         loss=loss,
         goodness=g,
         h=h,
-        out_scale=norm_scale(h, obj.norm, obj.norm_eps),
+        out_scale=scale_from_sumsq(q, width, obj.norm, obj.norm_eps),
         coef=coef,
         dz=dz,
         dw=dz.t() @ xn,

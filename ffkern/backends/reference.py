@@ -19,8 +19,9 @@ class ReferenceBackend(Backend):
         self, layer: FFLayer, inp: Activations, obj: LayerObjective
     ) -> tuple[torch.Tensor, Activations]:
         _, h = reference.forward(layer.weight, layer.bias, inp.x, inp.scale)
-        g = reference.goodness_of(h, obj)
-        return g, Activations(h, reference.norm_scale(h, obj.norm, obj.norm_eps))
+        q = (h * h).sum(dim=1)
+        g = q if obj.goodness == "sum" else q / h.shape[1]
+        return g, Activations(h, reference.scale_from_sumsq(q, h.shape[1], obj.norm, obj.norm_eps))
 
     def step(
         self,
@@ -50,9 +51,10 @@ class ReferenceBackend(Backend):
 def ensure_opt_state(layer: FFLayer, opt: OptimConfig) -> None:
     """Create zero optimizer state for ``layer`` if it has none for ``opt``."""
     for pname in ("weight", "bias"):
-        param = getattr(layer, pname)
-        for sname, t in optim.init_state(opt, param).items():
-            layer.opt_state.setdefault(f"{pname}.{sname}", t)
+        for sname in opt.state_names():
+            key = f"{pname}.{sname}"
+            if key not in layer.opt_state:  # allocate once, not on every step
+                layer.opt_state[key] = torch.zeros_like(getattr(layer, pname))
 
 
 def apply_update(
