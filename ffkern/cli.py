@@ -152,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="scale out with torch.distributed (launch with torchrun)",
     )
+    train.add_argument(
+        "--dist-timeout",
+        type=float,
+        metavar="S",
+        help="seconds a collective waits for a peer before the job fails "
+        "(default: $FFKERN_DIST_TIMEOUT or 120)",
+    )
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test set")
     ev.add_argument("checkpoint", metavar="CHECKPOINT")

@@ -14,15 +14,15 @@ import math
 
 import pytest
 import torch
-from ffkern.kernels import config as kconfig
-from ffkern.kernels.ff_forward import forward_gemm, row_stats
-from ffkern.kernels.ff_row import ff_row
-from ffkern.kernels.ff_wgrad import weight_grad, weight_grad_update_
 
 from ffkern import optim, reference
 from ffkern.backends import FFLayer
 from ffkern.backends.reference import ReferenceBackend
 from ffkern.backends.triton import TritonBackend
+from ffkern.kernels import config as kconfig
+from ffkern.kernels.ff_forward import forward_gemm, row_stats
+from ffkern.kernels.ff_row import ff_row
+from ffkern.kernels.ff_wgrad import weight_grad, weight_grad_update_
 from ffkern.optim import OptimConfig
 
 pytestmark = [

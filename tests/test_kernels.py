@@ -16,12 +16,12 @@ import sys
 
 import pytest
 import torch
+
+from ffkern import optim, reference
 from ffkern.kernels import config as kconfig
 from ffkern.kernels.ff_forward import forward_gemm, row_stats
 from ffkern.kernels.ff_row import ff_row
 from ffkern.kernels.ff_wgrad import weight_grad, weight_grad_update_
-
-from ffkern import optim, reference
 
 # Triton 3.6's interpreter converts 1-element arrays to ints in a way numpy 2.2 deprecates.
 pytestmark = pytest.mark.filterwarnings(

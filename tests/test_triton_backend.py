@@ -16,13 +16,13 @@ import sys
 
 import pytest
 import torch
-from ffkern.kernels import config as kconfig
-from ffkern.kernels.ff_forward import ff_forward_kernel
 
 from ffkern import reference
 from ffkern.backends import FFLayer, get_backend
 from ffkern.backends.reference import ReferenceBackend
 from ffkern.backends.triton import TritonBackend
+from ffkern.kernels import config as kconfig
+from ffkern.kernels.ff_forward import ff_forward_kernel
 from ffkern.optim import OptimConfig
 from ffkern.profiling import nvtx_range
 
