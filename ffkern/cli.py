@@ -173,6 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_config(args: argparse.Namespace) -> tuple[FFConfig, str]:
+    """The configuration and dataset of the run: the flags', or the ``--resume`` checkpoint's.
+
+    On resume only ``--epochs`` may change the saved configuration; a ``--dataset`` other than
+    the checkpoint's is an error.
+    """
+    if not args.resume:
+        return config_from_args(args), args.dataset
+    from ffkern.checkpoint import load_checkpoint
+
+    data = load_checkpoint(args.resume)
+    saved = FFConfig.from_dict(data["config"])
+    config = saved.replace(epochs=args.epochs) if _given(args, "epochs") else saved
+    dataset_name = data["dataset"]
+    if _given(args, "dataset") and args.dataset != dataset_name:
+        raise ValueError(
+            f"--resume checkpoint was trained on {dataset_name!r}, not {args.dataset!r}"
+        )
+    return config, dataset_name
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ffkern.data import load_dataset
     from ffkern.trainer import Trainer
@@ -181,18 +202,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from ffkern.distributed import cli_train
 
         return cli_train(args)
-    if args.resume:
-        from ffkern.checkpoint import load_checkpoint
-
-        saved = FFConfig.from_dict(load_checkpoint(args.resume)["config"])
-        config = saved.replace(epochs=args.epochs) if _given(args, "epochs") else saved
-        dataset_name = load_checkpoint(args.resume)["dataset"]
-        if _given(args, "dataset") and args.dataset != dataset_name:
-            raise ValueError(
-                f"--resume checkpoint was trained on {dataset_name!r}, not {args.dataset!r}"
-            )
-    else:
-        config, dataset_name = config_from_args(args), args.dataset
+    config, dataset_name = run_config(args)
     dataset = load_dataset(dataset_name, args.data, download=args.download)
     trainer = Trainer(
         config,

@@ -745,21 +745,9 @@ def _abort(exc: BaseException, ctx: DistContext | None) -> NoReturn:
 
 def _build_trainer(args: argparse.Namespace, ctx: DistContext) -> Trainer:
     """The trainer the flags describe, resumed from ``--resume`` when given."""
-    from ffkern.checkpoint import load_checkpoint
-    from ffkern.cli import config_from_args
+    from ffkern.cli import run_config
 
-    explicit = getattr(args, "_explicit", set())
-    if args.resume:
-        data = load_checkpoint(args.resume)
-        saved = FFConfig.from_dict(data["config"])
-        config = saved.replace(epochs=args.epochs) if "epochs" in explicit else saved
-        dataset_name = data["dataset"]
-        if "dataset" in explicit and args.dataset != dataset_name:
-            raise ValueError(
-                f"--resume checkpoint was trained on {dataset_name!r}, not {args.dataset!r}"
-            )
-    else:
-        config, dataset_name = config_from_args(args), args.dataset
+    config, dataset_name = run_config(args)
     dataset = _load_dataset(dataset_name, args.data, args.download, ctx)
     cls = DataParallelTrainer if args.parallel == "data" else PipelineTrainer
     trainer = cls(
