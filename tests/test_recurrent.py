@@ -11,6 +11,7 @@ import zlib
 
 import pytest
 import torch
+from oracles import GRAD_RTOL, oracle_loss, oracle_peer, rel_err
 
 from ffkern import FFConfig
 from ffkern.model import build_network
@@ -26,38 +27,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-GRAD_RTOL = 1e-10
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def softplus(u: torch.Tensor) -> torch.Tensor:
-    return torch.logaddexp(torch.zeros_like(u), u)
-
-
-def oracle_loss(h: torch.Tensor, n_pos: int, obj: LayerObjective) -> torch.Tensor:
-    """The FF local loss of ``obj``, written independently of ffkern."""
-    width = h.shape[1]
-    g = (h * h).sum(1) if obj.goodness == "sum" else (h * h).sum(1) / width
-    if obj.objective == "symba":
-        return softplus(-obj.symba_alpha * (g[:n_pos] - g[n_pos:])).mean()
-    theta = obj.threshold if obj.threshold is not None else (width if obj.goodness == "sum" else 1)
-    s = torch.where(torch.arange(h.shape[0]) < n_pos, 1.0, -1.0).to(h.dtype)
-    if obj.objective == "reversed":
-        s = -s
-    return softplus(-s * (g - theta) / obj.temperature).mean()
-
-
-def oracle_peer(h, n_pos, obj, peer_mean):
-    """Peer loss (stopped coefficient) and the updated running mean."""
-    if not obj.peer_strength:
-        return torch.zeros((), dtype=h.dtype), peer_mean
-    m = obj.peer_momentum * peer_mean + (1 - obj.peer_momentum) * h[:n_pos].detach().mean(0)
-    return obj.peer_strength / n_pos * (h[:n_pos] * (m - m.mean())).sum(), m
 
 
 def rms_normalize(v: torch.Tensor) -> torch.Tensor:

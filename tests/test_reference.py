@@ -6,6 +6,7 @@ import zlib
 
 import pytest
 import torch
+from oracles import oracle_loss, oracle_peer, rel_err
 
 from ffkern import reference
 from ffkern.reference import LayerObjective
@@ -17,21 +18,8 @@ def autograd_layer_loss(w, b, x, scale, n_pos, obj, peer_mean):
     """The same local loss written with autograd ops: L_ff + L_peer (stopped coefficient)."""
     z = (x * scale[:, None]) @ w.t() + b
     h = torch.relu(z)
-    q = (h * h).sum(1)
-    g = q if obj.goodness == "sum" else q / w.shape[0]
-    s = torch.where(torch.arange(x.shape[0]) < n_pos, 1.0, -1.0).to(x.dtype)
-    u = s * (g - obj.theta(w.shape[0])) / obj.temperature
-    loss = torch.logaddexp(torch.zeros_like(u), -u).mean()  # exact softplus
-    total = loss
-    if obj.peer_strength and n_pos:
-        m = obj.peer_momentum * peer_mean + (1 - obj.peer_momentum) * h[:n_pos].mean(0)
-        dev = (m - m.mean()).detach()
-        total = total + obj.peer_strength / n_pos * (h[:n_pos] * dev).sum()
-    return loss, total, z
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+    loss = oracle_loss(h, n_pos, obj)
+    return loss, loss + oracle_peer(h, n_pos, obj, peer_mean)[0], z
 
 
 @pytest.mark.parametrize("shape", SHAPES)
